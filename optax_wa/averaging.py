@@ -1,0 +1,312 @@
+"""Weight averaging during training: Lookaround and PAPA.
+
+Both wrap an inner optimizer that runs per member (see
+:func:`optax_wa.members.per_member`) and, periodically, move the members
+toward their mean after the inner step. Because they rewrite the parameters,
+their update is ``new_params - params``: they must be the last element of an
+``optax.chain``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_wa import members
+
+_STATE_POLICIES = ("keep", "average", "reset")
+
+
+class LookaroundState(NamedTuple):
+    """State of :func:`lookaround`.
+
+    Attributes:
+      count: number of updates so far (int32 scalar; per member in named mode).
+      inner_state: the inner optimizer's state, one per member (stacked mode:
+        every leaf has a leading member axis).
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+class PapaState(NamedTuple):
+    """State of :func:`papa`.
+
+    Attributes:
+      count: number of updates so far (int32 scalar; per member in named mode).
+      inner_state: the inner optimizer's state, one per member.
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def _check_period(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def _require_params(name, params):
+    if params is None:
+        raise ValueError(f"{name} rewrites the parameters and needs `params` in update.")
+
+
+def _is_concrete_number(x) -> bool:
+    if isinstance(x, (int, float, np.number)):
+        return True
+    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
+    """The inner state after a Lookaround sync, as ``state_policy`` says."""
+    if policy == "keep":
+        return inner_state
+    if policy == "average":
+        return jax.tree.map(
+            lambda s: members.member_mean(s, axis_name) if _inexact(s) else s,
+            inner_state,
+        )
+    fresh = init_fn(averaged_params)
+    return jax.tree.map(lambda new, old: new if _inexact(old) else old, fresh, inner_state)
+
+
+def lookaround(
+    inner: optax.GradientTransformation,
+    *,
+    sync_period: int = 5,
+    axis_name: str | None = None,
+    state_policy: str = "keep",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Lookaround: members step independently, then are replaced by their average.
+
+    Every member :math:`i` takes the inner optimizer's step on its own data
+    (in the paper each member sees its own data augmentation). After every
+    ``sync_period``-th update all members are replaced by the uniform average,
+    which is the next common point:
+
+    .. math::
+      w_i^{t+1} = \begin{cases}
+        \frac{1}{M}\sum_j \big(w_j^t + u_j^t\big) & (t + 1) \bmod k = 0 \\
+        w_i^t + u_i^t & \text{otherwise,}
+      \end{cases}
+
+    where :math:`u_i^t` is the inner update of member :math:`i` and :math:`k`
+    is ``sync_period``. Off-sync steps do not compute the average (the sync is
+    a ``lax.cond``); the sync step applies the inner update and averages in
+    one fused pass.
+
+    The returned update is ``new_params - params``, so ``lookaround`` must be
+    the last element of an ``optax.chain``. Extra keyword arguments of
+    ``update`` go to every member's inner update unchanged.
+
+    Args:
+      inner: the per-member optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``).
+      sync_period: number of updates between averages, ``>= 1``.
+      axis_name: ``None`` (stacked mode: params carry a leading member axis)
+        or the name of the mapped member axis (named mode).
+      state_policy: what happens to the members' inner states at a sync:
+        ``"keep"`` (default, as the released code: each member keeps its own
+        momentum), ``"average"`` (floating-point state leaves are replaced by
+        their member mean), ``"reset"`` (floating-point leaves are re-initialized
+        with ``inner.init`` at the averaged params; integer leaves such as step
+        counters are kept, so schedules continue).
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` with state :class:`LookaroundState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, optax_wa
+      >>> params = {"w": jnp.array([[1.0], [3.0]])}          # 2 members
+      >>> opt = optax_wa.lookaround(optax.sgd(1.0), sync_period=2)
+      >>> state = opt.init(params)
+      >>> grads = {"w": jnp.array([[1.0], [-1.0]])}
+      >>> for _ in range(2):
+      ...   updates, state = opt.update(grads, state, params)
+      ...   params = optax.apply_updates(params, updates)
+      >>> params["w"]                                        # (-1 + 5) / 2
+      Array([[2.],
+             [2.]], dtype=float32)
+
+    References:
+      Zhang et al., `Lookaround Optimizer: k steps around, 1 step average
+      <https://arxiv.org/abs/2306.07684>`_, NeurIPS 2023.
+    """
+    sync_period = _check_period("sync_period", sync_period)
+    if state_policy not in _STATE_POLICIES:
+        raise ValueError(f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}.")
+    inner = optax.with_extra_args_support(inner)
+    per_member = members.per_member(inner, axis_name)
+
+    def init_fn(params):
+        return LookaroundState(
+            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _require_params("lookaround", params)
+        inner_updates, inner_state = per_member.update(
+            updates, state.inner_state, params, **extra_args
+        )
+        count = optax.safe_increment(state.count)
+
+        def sync(operands):
+            inner_updates, inner_state = operands
+            averaged = members.apply_and_mean(params, inner_updates, axis_name)
+            new_updates = jax.tree.map(
+                lambda a, p, u: (a - p.astype(a.dtype)).astype(u.dtype),
+                averaged,
+                params,
+                inner_updates,
+            )
+            new_state = _sync_inner_state(
+                state_policy,
+                per_member.init,
+                inner_state,
+                _cast_like(averaged, params),
+                axis_name,
+            )
+            return new_updates, new_state
+
+        operands = (inner_updates, inner_state)
+        if sync_period == 1:
+            new_updates, new_inner_state = sync(operands)
+        else:
+            new_updates, new_inner_state = jax.lax.cond(
+                count % sync_period == 0, sync, lambda ops: ops, operands
+            )
+        return new_updates, LookaroundState(count=count, inner_state=new_inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def papa(
+    inner: optax.GradientTransformation,
+    *,
+    alpha: optax.ScalarOrSchedule = 0.99,
+    period: int = 10,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""PAPA: every ``period`` steps, pull each member toward the population mean.
+
+    After the inner step of every ``period``-th update:
+
+    .. math::
+      w_i \leftarrow \alpha_t\, w_i + (1 - \alpha_t)\, \bar w, \qquad
+      \bar w = \tfrac{1}{M}\textstyle\sum_j w_j .
+
+    The inner optimizer states are untouched. ``alpha = 0`` replaces every
+    member by the mean (PAPA-all with the same period). The released code
+    scales :math:`1 - \alpha` by :math:`\eta_t / \eta_0`; pass
+    ``alpha=papa_lr_scaled_alpha(0.99, lr_schedule)`` for that. BatchNorm
+    buffers are not optimizer params: pull them with
+    :func:`optax_wa.members.pull_to_mean` at the same steps.
+
+    The returned update is ``new_params - params``, so ``papa`` must be the
+    last element of an ``optax.chain``.
+
+    Args:
+      inner: the per-member optimizer.
+      alpha: the weight kept on a member's own parameters, in ``[0, 1]``; a
+        float or a schedule evaluated at the step index of the pull.
+      period: number of updates between pulls, ``>= 1``.
+      axis_name: ``None`` (stacked mode) or the mapped member axis name.
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` with state :class:`PapaState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, optax_wa
+      >>> params = {"w": jnp.array([[0.0], [4.0]])}
+      >>> opt = optax_wa.papa(optax.sgd(0.0), alpha=0.75, period=1)
+      >>> updates, _ = opt.update(params, opt.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"]     # 0.75 w + 0.25 * 2
+      Array([[0.5],
+             [3.5]], dtype=float32)
+
+    References:
+      Jolicoeur-Martineau et al., `Population Parameter Averaging (PAPA)
+      <https://arxiv.org/abs/2304.03094>`_, TMLR 2024.
+    """
+    period = _check_period("period", period)
+    if not callable(alpha) and _is_concrete_number(alpha):
+        value = np.asarray(alpha)
+        if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"alpha must be a scalar in [0, 1], got {alpha!r}.")
+    inner = optax.with_extra_args_support(inner)
+    per_member = members.per_member(inner, axis_name)
+
+    def init_fn(params):
+        return PapaState(count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _require_params("papa", params)
+        inner_updates, inner_state = per_member.update(
+            updates, state.inner_state, params, **extra_args
+        )
+        alpha_t = alpha(state.count) if callable(alpha) else alpha
+        count = optax.safe_increment(state.count)
+
+        def pull(inner_updates):
+            new_params = jax.tree.map(
+                lambda p, u: p.astype(jnp.float32) + u.astype(jnp.float32),
+                params,
+                inner_updates,
+            )
+            pulled = members.pull_to_mean(new_params, alpha_t, axis_name)
+            return jax.tree.map(
+                lambda w, p, u: (w - p.astype(w.dtype)).astype(u.dtype),
+                pulled,
+                params,
+                inner_updates,
+            )
+
+        if period == 1:
+            new_updates = pull(inner_updates)
+        else:
+            new_updates = jax.lax.cond(
+                count % period == 0, pull, lambda u: u, inner_updates
+            )
+        return new_updates, PapaState(count=count, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def papa_lr_scaled_alpha(
+    alpha: float, learning_rate: optax.ScalarOrSchedule
+) -> optax.Schedule:
+    r"""PAPA's released default: scale the pull by the learning-rate decay.
+
+    .. math::
+      \alpha_t = 1 - (1 - \alpha)\,\frac{\eta_t}{\eta_0}
+
+    Args:
+      alpha: the base weight in ``[0, 1]``.
+      learning_rate: the inner optimizer's learning rate or schedule.
+
+    Returns:
+      A schedule to pass as ``papa(..., alpha=...)``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
+    if not callable(learning_rate):
+        return lambda count: jnp.asarray(alpha, jnp.float32)
+    lr0 = learning_rate(0)
+
+    def schedule(count):
+        return 1.0 - (1.0 - alpha) * learning_rate(count) / lr0
+
+    return schedule

@@ -1,0 +1,228 @@
+"""The contract every transformation of the library passes.
+
+A method joins the suite with one entry in ``CASES``. ``Case`` fields:
+
+* ``make``: ``make(**hyperparams) -> optax.GradientTransformationExtraArgs``.
+* ``hyperparams``: numeric hyperparameters, passed to ``make`` directly and
+  through ``optax.inject_hyperparams`` (the two must agree).
+* ``ensemble``: True when params carry a leading member axis (stacked mode).
+  The contract params have 8 members (leaves ``(8, 4, 3)`` and ``(8, 3)``);
+  for non-ensemble methods the same arrays are plain params.
+* ``extra_args``: ``extra_args(params) -> dict`` of keyword extras the update
+  needs (e.g. ``{"grad_fn": contract_grad_fn}``); the default needs none.
+
+The suite checks: ``jax.jit`` equals eager; unknown extra args are ignored;
+``inject_hyperparams`` equals the plain factory; bf16 params stay bf16;
+``optax.MultiSteps`` with every micro-batch repeated equals the plain run;
+state and update shardings are stable on an 8-device mesh; ``init`` traces
+on ``jax.ShapeDtypeStruct``; the same inputs give bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_wa
+
+NUM_MEMBERS = 8
+
+
+def contract_loss(params):
+    """A smooth, separable (hence per-member) loss used by the suite."""
+    return sum(
+        jnp.sum(0.5 * x.astype(jnp.float32) ** 2 + jnp.sin(x.astype(jnp.float32)))
+        for x in jax.tree.leaves(params)
+    )
+
+
+def contract_grad_fn(params, *args):
+    """Gradient of ``contract_loss``, cast back to the params' dtypes."""
+    grads = jax.grad(contract_loss)(params)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    make: Callable[..., optax.GradientTransformationExtraArgs]
+    hyperparams: dict[str, float]
+    ensemble: bool = True
+    extra_args: Callable[[Any], dict] = lambda params: {}
+
+
+CASES: dict[str, Case] = {
+    "lookaround": Case(
+        make=lambda learning_rate: optax_wa.lookaround(
+            optax.sgd(learning_rate, momentum=0.9), sync_period=2
+        ),
+        hyperparams={"learning_rate": 0.1},
+    ),
+    "lookaround_average_state": Case(
+        make=lambda learning_rate: optax_wa.lookaround(
+            optax.adam(learning_rate), sync_period=2, state_policy="average"
+        ),
+        hyperparams={"learning_rate": 0.1},
+    ),
+    "papa": Case(
+        make=lambda alpha: optax_wa.papa(
+            optax.sgd(0.1, momentum=0.9), alpha=alpha, period=2
+        ),
+        hyperparams={"alpha": 0.9},
+    ),
+}
+
+
+def _params(dtype=jnp.float32, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {
+        "w": jax.random.normal(k1, (NUM_MEMBERS, 4, 3)).astype(dtype),
+        "b": jax.random.normal(k2, (NUM_MEMBERS, 3)).astype(dtype),
+    }
+
+
+def _grads(step, dtype=jnp.float32):
+    return jax.tree.map(lambda x: 0.5 * x, _params(dtype, seed=100 + step))
+
+
+def _run(opt, case, params, num_steps=4, grads_fn=_grads, update=None):
+    """Runs ``num_steps`` updates; returns the final params and all updates."""
+    update = update or opt.update
+    state = opt.init(params)
+    all_updates = []
+    for step in range(num_steps):
+        grads = grads_fn(step, jax.tree.leaves(params)[0].dtype)
+        updates, state = update(grads, state, params, **case.extra_args(params))
+        params = optax.apply_updates(params, updates)
+        all_updates.append(updates)
+    return params, all_updates
+
+
+@pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
+def case(request):
+    return CASES[request.param]
+
+
+def _opt(case):
+    return case.make(**case.hyperparams)
+
+
+def test_is_gradient_transformation_extra_args(case):
+    assert isinstance(_opt(case), optax.GradientTransformationExtraArgs)
+
+
+def test_jit_equals_eager(case):
+    opt = _opt(case)
+    eager, _ = _run(opt, case, _params())
+    jitted, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
+    chex.assert_tree_all_finite(jitted)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_extra_args_are_ignored(case):
+    opt = _opt(case)
+    params = _params()
+    state = opt.init(params)
+    grads = _grads(0)
+    extra = case.extra_args(params)
+    ref = opt.update(grads, state, params, **extra)
+    got = opt.update(grads, state, params, **extra, unknown_arg=3.0, other=None)
+    chex.assert_trees_all_equal(ref, got)
+
+
+def test_inject_hyperparams_equals_plain(case):
+    plain, _ = _run(_opt(case), case, _params())
+    injected_opt = optax.inject_hyperparams(case.make)(**case.hyperparams)
+    injected, _ = _run(injected_opt, case, _params())
+    chex.assert_trees_all_close(plain, injected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_params_stay_bf16(case):
+    opt = _opt(case)
+    params = _params(jnp.bfloat16)
+    final, all_updates = _run(opt, case, params, update=jax.jit(opt.update))
+    chex.assert_trees_all_equal_dtypes(final, params)
+    for updates in all_updates:
+        chex.assert_trees_all_equal_dtypes(updates, params)
+    chex.assert_tree_all_finite(final)
+
+
+def test_multisteps_with_repeated_microbatches_equals_plain(case):
+    """MultiSteps(k=2) fed each gradient twice equals the plain optimizer."""
+    opt = _opt(case)
+    plain, _ = _run(opt, case, _params(), num_steps=3)
+    multi = optax.MultiSteps(opt, every_k_schedule=2)
+    multi_final, _ = _run(
+        multi,
+        case,
+        _params(),
+        num_steps=6,
+        grads_fn=lambda step, dtype: _grads(step // 2, dtype),
+        update=jax.jit(multi.update),
+    )
+    chex.assert_trees_all_close(plain, multi_final, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_sharding_is_stable_on_8_device_mesh(case, axis_type):
+    kind = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[axis_type]
+    mesh = jax.make_mesh((NUM_MEMBERS,), ("members",), axis_types=(kind,))
+    sharding = NamedSharding(mesh, P("members"))
+    opt = _opt(case)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_params(), sharding)
+        grads = [jax.device_put(_grads(i), sharding) for i in range(2)]
+        state = jax.jit(opt.init)(params)
+        if axis_type == "auto":
+            # Auto axes: XLA may replicate freshly made zeros; the caller places
+            # the state (member-axis leaves split like params) and the update
+            # must keep that placement.
+            replicated = NamedSharding(mesh, P())
+            state = jax.tree.map(
+                lambda x: jax.device_put(
+                    x, sharding if x.ndim and x.shape[0] == NUM_MEMBERS else replicated
+                ),
+                state,
+            )
+        update = jax.jit(opt.update)
+        extra = case.extra_args(params)
+        updates, new_state = update(grads[0], state, params, **extra)
+        updates2, new_state2 = update(grads[1], new_state, params, **extra)
+    for u, p in zip(jax.tree.leaves(updates2), jax.tree.leaves(params)):
+        assert u.sharding.is_equivalent_to(p.sharding, p.ndim), (u.sharding, p.sharding)
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state2)):
+        assert after.sharding.is_equivalent_to(before.sharding, before.ndim), (
+            before.sharding,
+            after.sharding,
+        )
+    # Leaves shaped like a param leaf and sharded by init keep the member split.
+    param_shapes = {p.shape for p in jax.tree.leaves(params)}
+    for leaf in jax.tree.leaves(new_state2):
+        if leaf.shape in param_shapes and leaf.ndim > 0:
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), leaf.sharding
+
+
+def test_init_on_shape_dtype_struct(case):
+    opt = _opt(case)
+    params = _params()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    abstract_state = jax.eval_shape(opt.init, abstract)
+    concrete_state = opt.init(params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(abstract_state, concrete_state)
+
+
+def test_same_inputs_give_identical_outputs(case):
+    opt = _opt(case)
+    first, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
+    second, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
