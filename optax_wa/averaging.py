@@ -172,6 +172,8 @@ def lookaround(
                 params,
                 inner_updates,
             )
+            if state_policy == "keep":
+                return new_updates, inner_state
             new_state = _sync_inner_state(
                 state_policy,
                 per_member.init,
@@ -181,12 +183,20 @@ def lookaround(
             )
             return new_updates, new_state
 
-        operands = (inner_updates, inner_state)
         if sync_period == 1:
-            new_updates, new_inner_state = sync(operands)
+            new_updates, new_inner_state = sync((inner_updates, inner_state))
+        elif state_policy == "keep":
+            # Only the updates go through the cond: the kept state is not copied.
+            new_updates = jax.lax.cond(
+                count % sync_period == 0,
+                lambda u: sync((u, None))[0],
+                lambda u: u,
+                inner_updates,
+            )
+            new_inner_state = inner_state
         else:
             new_updates, new_inner_state = jax.lax.cond(
-                count % sync_period == 0, sync, lambda ops: ops, operands
+                count % sync_period == 0, sync, lambda ops: ops, (inner_updates, inner_state)
             )
         return new_updates, LookaroundState(count=count, inner_state=new_inner_state)
 

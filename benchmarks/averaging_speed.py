@@ -1,0 +1,179 @@
+"""Speed of lookaround and papa against the bare per-member optimizer.
+
+Prints, side by side in one process:
+
+* update ratio: the wrapper's update (plus ``apply_updates``) over one full
+  period (off-sync steps and the sync step) divided by the vmapped inner
+  optimizer's, on a stacked tree with ResNet-20's parameter shapes
+  (0.27M values per member, 4 members);
+* full train-step ratio: the same with a ResNet-20-shaped forward and
+  backward pass (CIFAR input, 32x32x3) in the step.
+
+Runs interleave the methods and report the median of repeated timings::
+
+    python benchmarks/averaging_speed.py [--members 4] [--batch 32] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_wa
+from optax_wa import members
+
+
+def resnet20_shapes():
+    """Parameter shapes of a CIFAR ResNet-20 (3 stages x 3 basic blocks)."""
+    shapes = {"stem/conv": (3, 3, 3, 16), "stem/bn_scale": (16,), "stem/bn_bias": (16,)}
+    in_ch = 16
+    for stage, ch in enumerate((16, 32, 64)):
+        for block in range(3):
+            prefix = f"s{stage}b{block}"
+            shapes[f"{prefix}/conv1"] = (3, 3, in_ch, ch)
+            shapes[f"{prefix}/conv2"] = (3, 3, ch, ch)
+            for i in (1, 2):
+                shapes[f"{prefix}/bn{i}_scale"] = (ch,)
+                shapes[f"{prefix}/bn{i}_bias"] = (ch,)
+            if in_ch != ch:
+                shapes[f"{prefix}/proj"] = (1, 1, in_ch, ch)
+            in_ch = ch
+    shapes["head/w"] = (64, 10)
+    shapes["head/b"] = (10,)
+    return shapes
+
+
+def init_params(key, shapes):
+    keys = jax.random.split(key, len(shapes))
+    params = {}
+    for k, (name, shape) in zip(keys, shapes.items()):
+        if name.endswith("_scale"):
+            params[name] = jnp.ones(shape)
+        elif name.endswith("_bias") or name == "head/b":
+            params[name] = jnp.zeros(shape)
+        else:
+            fan_in = int(np.prod(shape[:-1]))
+            params[name] = jax.random.normal(k, shape) * np.sqrt(2.0 / fan_in)
+    return params
+
+
+def _norm(x, scale, bias):
+    mean = x.mean(axis=(0, 1, 2))
+    var = x.var(axis=(0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+
+def _conv(x, w, stride=1):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def resnet20_loss(params, images, labels):
+    """ResNet-20 forward pass (batch-statistics normalization) and loss."""
+    h = jax.nn.relu(_norm(_conv(images, params["stem/conv"]), params["stem/bn_scale"],
+                          params["stem/bn_bias"]))
+    for stage in range(3):
+        for block in range(3):
+            p = f"s{stage}b{block}"
+            stride = 2 if (stage > 0 and block == 0) else 1
+            out = _conv(h, params[f"{p}/conv1"], stride)
+            out = jax.nn.relu(_norm(out, params[f"{p}/bn1_scale"], params[f"{p}/bn1_bias"]))
+            out = _conv(out, params[f"{p}/conv2"])
+            out = _norm(out, params[f"{p}/bn2_scale"], params[f"{p}/bn2_bias"])
+            shortcut = _conv(h, params[f"{p}/proj"], stride) if f"{p}/proj" in params else h
+            h = jax.nn.relu(out + shortcut)
+    logits = h.mean(axis=(1, 2)) @ params["head/w"] + params["head/b"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def make_update_step(opt):
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_train_step(opt):
+    grad = jax.vmap(jax.grad(resnet20_loss))
+
+    def step(params, state, batch):
+        images, labels = batch
+        grads = grad(params, images, labels)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def time_period(step, params, state, inputs, period):
+    """Seconds for ``period`` consecutive steps (one full sync period)."""
+    jax.block_until_ready((params, state))
+    start = time.perf_counter()
+    for _ in range(period):
+        params, state = step(params, state, inputs)
+    jax.block_until_ready(params)
+    return time.perf_counter() - start, params, state
+
+
+def compare(opts, inputs, make_step, params0, period, repeats):
+    runs = {}
+    for name, opt in opts.items():
+        params = jax.tree.map(jnp.copy, params0)
+        state = opt.init(params)
+        step = make_step(opt)
+        _, params, state = time_period(step, params, state, inputs, period)  # compile
+        runs[name] = [step, params, state, []]
+    for _ in range(repeats):
+        for run in runs.values():  # interleaved: same machine conditions
+            seconds, run[1], run[2] = time_period(run[0], run[1], run[2], inputs, period)
+            run[3].append(seconds / period)
+    return {name: float(np.median(run[3])) for name, run in runs.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32, help="images per member")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--period", type=int, default=10, help="sync/pull period")
+    args = parser.parse_args()
+    m, k = args.members, args.period
+
+    shapes = resnet20_shapes()
+    params = members.init_members(lambda key: init_params(key, shapes), jax.random.key(0), m)
+    size = sum(int(np.prod(s)) for s in shapes.values())
+    inner = optax.sgd(0.1, momentum=0.9)
+    opts = {
+        "inner (vmapped sgd+momentum)": members.per_member(inner),
+        f"lookaround (k={k})": optax_wa.lookaround(inner, sync_period=k),
+        f"papa (period={k})": optax_wa.papa(inner, alpha=0.99, period=k),
+    }
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"{m} members x {size:,} values (ResNet-20 shapes)")
+
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    update = compare(opts, grads, make_update_step, params, k, args.repeats)
+    key = jax.random.key(1)
+    batch = (
+        jax.random.normal(key, (m, args.batch, 32, 32, 3)),
+        jax.random.randint(key, (m, args.batch), 0, 10),
+    )
+    train = compare(opts, batch, make_train_step, params, k, max(3, args.repeats // 3))
+
+    base = "inner (vmapped sgd+momentum)"
+    print(f"\n| method | update ms/step | update ratio | train step ms | train-step ratio |")
+    print("|---|---|---|---|---|")
+    for name in opts:
+        print(f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[base]:.3f} | "
+              f"{1e3 * train[name]:.1f} | {train[name] / train[base]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
