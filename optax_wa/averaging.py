@@ -84,6 +84,49 @@ def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
     return jax.tree.map(lambda new, old: new if _inexact(old) else old, fresh, inner_state)
 
 
+def _mean_after_step_when(
+    is_due, per_member, updates, inner_state, params, inner_updates, extra_args,
+    axis_name, *, always=False,
+):
+    """Member mean of ``params + inner_updates`` (reduced), computed only when due.
+
+    Under ``lax.cond`` the mean (``1/M`` of the ensemble's values in stacked
+    mode) is the only output, and the caller selects with ``jnp.where``, so
+    an off-sync step stays one fused pass with the caller's
+    ``apply_updates``. Without extra args the inner update is recomputed
+    inside the branch from its inputs, so the off-sync path never has to
+    materialize it; with extra args (e.g. a gradient oracle, which may be
+    expensive) the computed updates are passed in instead.
+    """
+
+    def mean_of(u):
+        new = jax.tree.map(
+            lambda p, x: p.astype(members._accumulation_dtype(p.dtype))
+            + x.astype(members._accumulation_dtype(p.dtype)),
+            params,
+            u,
+        )
+        return members.reduced_member_mean(new, axis_name)
+
+    if always:
+        return mean_of(inner_updates)
+    if extra_args:
+        branch, operands = mean_of, inner_updates
+    else:
+
+        def branch(ops):
+            grads, state = ops
+            return mean_of(per_member.update(grads, state, params)[0])
+
+        operands = (updates, inner_state)
+    shapes = jax.eval_shape(branch, operands)
+
+    def skip(ops):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+    return jax.lax.cond(is_due, branch, skip, operands)
+
+
 def lookaround(
     inner: optax.GradientTransformation,
     *,
@@ -162,43 +205,35 @@ def lookaround(
             updates, state.inner_state, params, **extra_args
         )
         count = optax.safe_increment(state.count)
-
-        def sync(operands):
-            inner_updates, inner_state = operands
-            averaged = members.apply_and_mean(params, inner_updates, axis_name)
-            new_updates = jax.tree.map(
-                lambda a, p, u: (a - p.astype(a.dtype)).astype(u.dtype),
-                averaged,
+        is_sync = count % sync_period == 0
+        mean = _mean_after_step_when(
+            is_sync, per_member, updates, state.inner_state, params, inner_updates,
+            extra_args, axis_name, always=sync_period == 1,
+        )
+        new_updates = jax.tree.map(
+            lambda a, p, u: jnp.where(
+                is_sync,
+                members.broadcast_to_members(a, p, axis_name) - p.astype(a.dtype),
+                u.astype(a.dtype),
+            ).astype(u.dtype),
+            mean,
+            params,
+            inner_updates,
+        )
+        if state_policy != "keep":
+            averaged = jax.tree.map(
+                lambda a, p: members.broadcast_to_members(a, p, axis_name).astype(p.dtype),
+                mean,
                 params,
-                inner_updates,
             )
-            if state_policy == "keep":
-                return new_updates, inner_state
-            new_state = _sync_inner_state(
-                state_policy,
-                per_member.init,
-                inner_state,
-                _cast_like(averaged, params),
-                axis_name,
+            resync = lambda s: _sync_inner_state(  # noqa: E731
+                state_policy, per_member.init, s, averaged, axis_name
             )
-            return new_updates, new_state
-
-        if sync_period == 1:
-            new_updates, new_inner_state = sync((inner_updates, inner_state))
-        elif state_policy == "keep":
-            # Only the updates go through the cond: the kept state is not copied.
-            new_updates = jax.lax.cond(
-                count % sync_period == 0,
-                lambda u: sync((u, None))[0],
-                lambda u: u,
-                inner_updates,
-            )
-            new_inner_state = inner_state
-        else:
-            new_updates, new_inner_state = jax.lax.cond(
-                count % sync_period == 0, sync, lambda ops: ops, (inner_updates, inner_state)
-            )
-        return new_updates, LookaroundState(count=count, inner_state=new_inner_state)
+            if sync_period == 1:
+                inner_state = resync(inner_state)
+            else:
+                inner_state = jax.lax.cond(is_sync, resync, lambda s: s, inner_state)
+        return new_updates, LookaroundState(count=count, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -269,27 +304,20 @@ def papa(
         )
         alpha_t = alpha(state.count) if callable(alpha) else alpha
         count = optax.safe_increment(state.count)
+        is_pull = count % period == 0
+        mean = _mean_after_step_when(
+            is_pull, per_member, updates, state.inner_state, params, inner_updates,
+            extra_args, axis_name, always=period == 1,
+        )
 
-        def pull(inner_updates):
-            new_params = jax.tree.map(
-                lambda p, u: p.astype(jnp.float32) + u.astype(jnp.float32),
-                params,
-                inner_updates,
-            )
-            pulled = members.pull_to_mean(new_params, alpha_t, axis_name)
-            return jax.tree.map(
-                lambda w, p, u: (w - p.astype(w.dtype)).astype(u.dtype),
-                pulled,
-                params,
-                inner_updates,
-            )
+        def combine(a, p, u):
+            acc = a.dtype
+            new = p.astype(acc) + u.astype(acc)
+            al = jnp.asarray(alpha_t, acc)
+            pulled = al * new + (1 - al) * members.broadcast_to_members(a, p, axis_name)
+            return jnp.where(is_pull, pulled - p.astype(acc), u.astype(acc)).astype(u.dtype)
 
-        if period == 1:
-            new_updates = pull(inner_updates)
-        else:
-            new_updates = jax.lax.cond(
-                count % period == 0, pull, lambda u: u, inner_updates
-            )
+        new_updates = jax.tree.map(combine, mean, params, inner_updates)
         return new_updates, PapaState(count=count, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
