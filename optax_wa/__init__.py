@@ -1,7 +1,7 @@
 """optax_wa: weight averaging, sharpness-aware descent, slimmable networks and
 weight-space symmetry as composable optax transformations."""
 
-from optax_wa import members
+from optax_wa import comm, members, shuffling, slimmable
 from optax_wa.averaging import (
     LookaroundState,
     PapaState,
@@ -10,10 +10,24 @@ from optax_wa.averaging import (
     papa_lr_scaled_alpha,
 )
 from optax_wa.batchnorm import recalibrate_batch_stats, recalibrate_nnx_batch_stats
+from optax_wa.sharpness import (
+    SamInfo,
+    SharpnessAwareState,
+    sam_value_and_grad,
+    sharpness_aware,
+    ssam,
+)
+from optax_wa.shuffling import WashState, wash, wash_layer_probs
+from optax_wa.slimmable import freeze_until, slimclr_loss_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "WashState",
+    "comm",
+    "shuffling",
+    "wash",
+    "wash_layer_probs",
     "LookaroundState",
     "PapaState",
     "lookaround",
@@ -22,4 +36,12 @@ __all__ = [
     "papa_lr_scaled_alpha",
     "recalibrate_batch_stats",
     "recalibrate_nnx_batch_stats",
+    "SamInfo",
+    "SharpnessAwareState",
+    "sam_value_and_grad",
+    "sharpness_aware",
+    "ssam",
+    "slimmable",
+    "freeze_until",
+    "slimclr_loss_weights",
 ]

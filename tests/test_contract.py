@@ -10,6 +10,7 @@ A method joins the suite with one entry in ``CASES``. ``Case`` fields:
   for non-ensemble methods the same arrays are plain params.
 * ``extra_args``: ``extra_args(params) -> dict`` of keyword extras the update
   needs (e.g. ``{"grad_fn": contract_grad_fn}``); the default needs none.
+  Callable extras are static arguments of the jitted update.
 
 The suite checks: ``jax.jit`` equals eager; unknown extra args are ignored;
 ``inject_hyperparams`` equals the plain factory; bf16 params stay bf16;
@@ -79,6 +80,76 @@ CASES: dict[str, Case] = {
         ),
         hyperparams={"alpha": 0.9},
     ),
+    "sharpness_aware": Case(
+        make=lambda learning_rate, rho: optax_wa.sharpness_aware(
+            optax.sgd(learning_rate, momentum=0.9), rho=rho
+        ),
+        hyperparams={"learning_rate": 0.1, "rho": 0.05},
+        ensemble=False,
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
+    "ssam": Case(
+        make=lambda learning_rate: optax_wa.ssam(optax.sgd(learning_rate), rho=0.05),
+        hyperparams={"learning_rate": 0.1},
+        ensemble=False,
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
+    "asam": Case(
+        make=lambda learning_rate: optax_wa.sharpness_aware(
+            optax.sgd(learning_rate), rho=0.5, adaptive=True
+        ),
+        hyperparams={"learning_rate": 0.1},
+        ensemble=False,
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
+    "lookaround_ssam": Case(
+        make=lambda learning_rate: optax_wa.lookaround(
+            optax_wa.ssam(optax.sgd(learning_rate, momentum=0.9), rho=0.05),
+            sync_period=2,
+        ),
+        hyperparams={"learning_rate": 0.1},
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
+    "wash": Case(
+        make=lambda learning_rate: optax_wa.wash(
+            optax.sgd(learning_rate, momentum=0.9),
+            shuffle_prob=0.1,
+            layer_probs="constant",
+            seed=0,
+        ),
+        hyperparams={"learning_rate": 0.1},
+    ),
+    "wash_opt_state": Case(
+        make=lambda learning_rate: optax_wa.wash(
+            optax.adam(learning_rate),
+            shuffle_prob=0.1,
+            layer_probs="constant",
+            shuffle_opt_state=True,
+            seed=0,
+        ),
+        hyperparams={"learning_rate": 0.1},
+    ),
+    "freeze_until": Case(
+        make=lambda learning_rate: optax_wa.freeze_until(
+            2, {"w": False, "b": True}, inner=optax.sgd(learning_rate, momentum=0.9)
+        ),
+        hyperparams={"learning_rate": 0.1},
+        ensemble=False,
+    ),
+    "slimmable_grad_stats": Case(
+        make=lambda learning_rate: optax.chain(
+            optax_wa.slimmable.slimmable_grad_stats(
+                {
+                    "w": optax_wa.slimmable.SlicedAxes((1, 2)),
+                    "b": optax_wa.slimmable.SlicedAxes((1,)),
+                },
+                min_width=0.5,
+            ),
+            optax.sgd(learning_rate),
+        ),
+        hyperparams={"learning_rate": 0.1},
+        ensemble=False,
+    ),
 }
 
 
@@ -92,6 +163,19 @@ def _params(dtype=jnp.float32, seed=0):
 
 def _grads(step, dtype=jnp.float32):
     return jax.tree.map(lambda x: 0.5 * x, _params(dtype, seed=100 + step))
+
+
+def _jit(update):
+    """``jax.jit(update)`` with callable extra args (e.g. ``grad_fn``) static."""
+    cache = {}
+
+    def call(grads, state, params, **extra):
+        static = tuple(sorted(k for k, v in extra.items() if callable(v)))
+        if static not in cache:
+            cache[static] = jax.jit(update, static_argnames=static)
+        return cache[static](grads, state, params, **extra)
+
+    return call
 
 
 def _run(opt, case, params, num_steps=4, grads_fn=_grads, update=None):
@@ -123,7 +207,7 @@ def test_is_gradient_transformation_extra_args(case):
 def test_jit_equals_eager(case):
     opt = _opt(case)
     eager, _ = _run(opt, case, _params())
-    jitted, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
+    jitted, _ = _run(opt, case, _params(), update=_jit(opt.update))
     chex.assert_tree_all_finite(jitted)
     chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
 
@@ -149,7 +233,7 @@ def test_inject_hyperparams_equals_plain(case):
 def test_bf16_params_stay_bf16(case):
     opt = _opt(case)
     params = _params(jnp.bfloat16)
-    final, all_updates = _run(opt, case, params, update=jax.jit(opt.update))
+    final, all_updates = _run(opt, case, params, update=_jit(opt.update))
     chex.assert_trees_all_equal_dtypes(final, params)
     for updates in all_updates:
         chex.assert_trees_all_equal_dtypes(updates, params)
@@ -167,7 +251,7 @@ def test_multisteps_with_repeated_microbatches_equals_plain(case):
         _params(),
         num_steps=6,
         grads_fn=lambda step, dtype: _grads(step // 2, dtype),
-        update=jax.jit(multi.update),
+        update=_jit(multi.update),
     )
     chex.assert_trees_all_close(plain, multi_final, rtol=1e-5, atol=1e-6)
 
@@ -193,7 +277,7 @@ def test_sharding_is_stable_on_8_device_mesh(case, axis_type):
                 ),
                 state,
             )
-        update = jax.jit(opt.update)
+        update = _jit(opt.update)
         extra = case.extra_args(params)
         updates, new_state = update(grads[0], state, params, **extra)
         updates2, new_state2 = update(grads[1], new_state, params, **extra)
@@ -222,7 +306,7 @@ def test_init_on_shape_dtype_struct(case):
 
 def test_same_inputs_give_identical_outputs(case):
     opt = _opt(case)
-    first, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
-    second, _ = _run(opt, case, _params(), update=jax.jit(opt.update))
+    first, _ = _run(opt, case, _params(), update=_jit(opt.update))
+    second, _ = _run(opt, case, _params(), update=_jit(opt.update))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

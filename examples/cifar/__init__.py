@@ -1,0 +1,1 @@
+"""CIFAR-10/100 trainer for the optax_wa methods (ResNet, WideResNet, ViT)."""

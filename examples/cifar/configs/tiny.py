@@ -1,0 +1,30 @@
+"""A tiny local config (the tests' and a smoke run's): small model, batch and run.
+
+Used with ``tfds.testing.mock_data`` in tests, or on digits::
+
+    python -m examples.cifar.main --workdir=/tmp/tiny \
+        --config=examples/cifar/configs/tiny.py --config.dataset=digits
+"""
+
+from examples.cifar.configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.worker_count = 0
+    config.model.kwargs.stage_sizes = (1, 1)
+    config.model.kwargs.widths = (4, 8)
+    config.num_members = 2
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 2
+    config.recalibration_batches = 1
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.progress_bar = False
+    config.lookaround.sync_period = 2
+    config.papa.period = 2
+    config.lookahead.sync_period = 2
+    config.wash.shuffle_prob = 0.5
+    return config

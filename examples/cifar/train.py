@@ -1,0 +1,30 @@
+"""CIFAR trainer: ``train_and_evaluate(config, workdir)``.
+
+The loop, sharding, evaluation and checkpoints are in
+:mod:`examples.common.trainer`; this module plugs in the CIFAR models and
+input pipeline.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from examples.cifar import input_pipeline, models
+from examples.common import trainer
+
+
+def create_task(config: ml_collections.ConfigDict) -> trainer.Task:
+    train_source, eval_source = input_pipeline.get_sources(config)
+    return trainer.Task(
+        create_model=lambda rngs: models.create_model(config, rngs),
+        train_source=train_source,
+        eval_source=eval_source,
+        train_base=input_pipeline.train_base,
+        eval_transform=input_pipeline.eval_transform,
+        image_shape=input_pipeline.IMAGE_SHAPE,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    """Trains and evaluates; returns ``(final_state, final_eval_metrics)``."""
+    return trainer.train_and_evaluate(config, workdir, create_task(config))

@@ -1,0 +1,1 @@
+"""Machinery shared by the CIFAR and ImageNet trainers (written once)."""

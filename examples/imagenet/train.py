@@ -1,0 +1,30 @@
+"""ImageNet trainer: ``train_and_evaluate(config, workdir)``.
+
+The loop, sharding, evaluation and checkpoints are in
+:mod:`examples.common.trainer`; this module plugs in the ViTs and the
+ImageNet input pipeline.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from examples.common import trainer
+from examples.imagenet import input_pipeline, models
+
+
+def create_task(config: ml_collections.ConfigDict) -> trainer.Task:
+    train_source, eval_source = input_pipeline.get_sources(config)
+    return trainer.Task(
+        create_model=lambda rngs: models.create_model(config, rngs),
+        train_source=train_source,
+        eval_source=eval_source,
+        train_base=input_pipeline.train_base(config),
+        eval_transform=input_pipeline.eval_transform(config),
+        image_shape=(config.image_size, config.image_size, 3),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    """Trains and evaluates; returns ``(final_state, final_eval_metrics)``."""
+    return trainer.train_and_evaluate(config, workdir, create_task(config))

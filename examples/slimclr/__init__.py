@@ -1,0 +1,1 @@
+"""SlimCLR example: slimmable contrastive pretraining and a switchable linear probe."""

@@ -1,0 +1,72 @@
+"""SlimCLR on CIFAR-10: a slimmable CIFAR ResNet-18, SimCLR, widths [1, .75, .5, .25].
+
+    python -m examples.slimclr.main --workdir=/tmp/slimclr_cifar \
+        --config=examples/slimclr/configs/default.py
+
+Prepare CIFAR-10 first (array_record files for ``tfds.data_source``)::
+
+    python -c "import tensorflow_datasets as tfds; tfds.data_source('cifar10', download=True)"
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data.
+    config.dataset = "cifar10"
+    config.data_dir = None
+    config.data_seed = 42  # MNIST-1D generator seed
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.max_train_examples = None
+    config.max_eval_examples = None
+
+    # Model: "resnet" (CIFAR stem) or "cnn1d".
+    config.model = "resnet"
+    config.stage_sizes = (2, 2, 2, 2)  # ResNet-18
+    config.num_filters = 64
+    config.channels = (32, 64, 128)  # cnn1d
+    config.kernel_size = 5
+    config.projection_dim = 128
+    config.widths = (1.0, 0.75, 0.5, 0.25)
+
+    # Contrastive framework: "simclr" or "mocov2".
+    config.framework = "simclr"
+    config.temperature = 0.2  # NT-Xent / InfoNCE temperature
+    config.queue_size = 4096  # MoCo v2
+    config.key_momentum = 0.99  # MoCo v2 key encoder EMA
+
+    # SlimCLR: slow start, online distillation, loss reweighting.
+    config.slow_start_fraction = 0.5  # fraction of training with the full width only
+    config.distill_weight = 0.5
+    config.distill_temperature = 5.0
+    config.loss_weight_mode = 5
+
+    # Augmentation.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.min_crop = 0.2
+    config.augment.color_jitter = 0.4
+    config.augment.amplitude = 0.2  # signals
+    config.augment.trend = 0.5  # signals
+    config.augment.noise = 0.1  # signals
+
+    # Optimization (pretraining): "sgd" (momentum) or "adamw".
+    config.optimizer = "sgd"
+    config.learning_rate = 0.5  # for batch_size 256, scaled linearly
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.warmup_epochs = 5
+    config.batch_size = 256
+    config.num_epochs = 200
+
+    # Switchable linear probe on the frozen backbone.
+    config.probe_epochs = 50
+    config.probe_batch_size = 256
+    config.probe_learning_rate = 1e-2
+
+    config.log_every_epochs = 1
+    config.save_checkpoint = True
+    return config

@@ -1,0 +1,426 @@
+"""SlimCLR: contrastive pretraining of a slimmable encoder, then a switchable probe.
+
+The sections below follow one run of :func:`train_and_evaluate`:
+
+1. **Model and optimizer.** A slimmable encoder (1-D CNN or CIFAR ResNet)
+   whose widths share weights; the optimizer chain records the
+   gradient-imbalance ratio (:func:`optax_wa.slimmable.slimmable_grad_stats`)
+   and holds the sub-widths' switchable norms fixed until the slow-start
+   switch (:func:`optax_wa.freeze_until`).
+2. **Pretraining.** Each step draws two augmented views on the device, runs
+   every width in training mode and builds the loss vector ``[L_1..L_W,
+   KD_1..KD_W]`` (contrastive losses, then online distillation from the full
+   width). The slow-start coefficients
+   (:func:`optax_wa.slimmable.slow_start_schedule`) weight it, and one
+   :func:`jax.vjp` gives the gradient
+   (:func:`optax_wa.slimmable.weighted_value_and_grad`). Before the switch a
+   second program runs the full width only, so slow start also saves the
+   sub-widths' compute; each of the two programs compiles once. SimCLR uses NT-Xent
+   on the two views; MoCo v2 uses InfoNCE against a queue and a momentum key
+   encoder (:func:`optax_wa.slimmable.update_key_encoder`).
+3. **Switchable linear probe.** The frozen backbone (running statistics,
+   eval mode) gives the features of each width; one linear head per width
+   (:class:`optax_wa.slimmable.SwitchableLinear`) is trained on them and
+   evaluated on the test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from examples.slimclr import input_pipeline
+from optax_wa import slimmable as sl
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# 1. Model and optimizer
+
+
+def create_model(config, rngs: nnx.Rngs):
+    """The slimmable encoder of ``config.model``, with a projection head."""
+    widths = tuple(config.widths)
+    head_bn = config.framework == "simclr"
+    if config.model == "cnn1d":
+        return sl.SlimmableCNN1D(
+            1, tuple(config.channels), widths, kernel_size=config.kernel_size,
+            projection_dim=config.projection_dim, head_batch_norm=head_bn, rngs=rngs,
+        )
+    if config.model == "resnet":
+        return sl.SlimmableResNet(
+            tuple(config.stage_sizes), widths, num_filters=config.num_filters,
+            stem="cifar", projection_dim=config.projection_dim, head_batch_norm=head_bn,
+            rngs=rngs,
+        )
+    raise ValueError(f"config.model must be 'cnn1d' or 'resnet', got {config.model!r}.")
+
+
+def _decay_mask(params):
+    """Weight decay on kernels only (not on norms' scales and biases)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def create_optimizer(config, model, total_steps: int, switch_step: int, steps_per_epoch: int):
+    """SGD (momentum) or AdamW with warmup + cosine, wrapped for SlimCLR."""
+    warmup = min(config.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+    lr = config.learning_rate * config.batch_size / 256
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, 1))
+    if config.optimizer == "sgd":
+        base = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+            optax.sgd(schedule, momentum=config.momentum),
+        )
+    elif config.optimizer == "adamw":
+        base = optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+    else:
+        raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}.")
+    widths = tuple(config.widths)
+    chain = []
+    if len(widths) > 1:
+        chain.append(sl.slimmable_grad_stats(sl.slim_axes_spec(model), min(widths)))
+    chain.append(sl.freeze_until(switch_step, sl.sub_width_mask(model), inner=base))
+    return optax.chain(*chain)
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during pretraining (pure pytrees)."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    key_params: PyTree  # MoCo v2 key encoder (empty for SimCLR)
+    key_stats: PyTree
+    queue: PyTree
+
+
+def _pure(state):
+    return nnx.as_pure(state)
+
+
+# ----------------------------------------------------------------------------
+# 2. Pretraining
+
+
+def _loss_vector(params, batch_stats, graphdef, v1, v2, key_out, queue, config, widths):
+    """Per-width losses ``[L_1..L_W, KD_1..KD_W]`` of the widths in ``widths``.
+
+    Widths of ``config.widths`` not in ``widths`` (before the slow-start switch)
+    get zero losses and are not run, so their statistics stay unchanged.
+    """
+    model = nnx.merge(graphdef, params, batch_stats)
+    all_widths = tuple(config.widths)
+    contrast = [jnp.zeros((), jnp.float32) for _ in all_widths]
+    distill = [jnp.zeros((), jnp.float32) for _ in all_widths]
+    teacher = None
+    for i, w in enumerate(widths):
+        if config.framework == "simclr":
+            z1 = model(v1, width=w, use_running_average=False)
+            z2 = model(v2, width=w, use_running_average=False)
+            loss, logits = sl.nt_xent(z1, z2, config.temperature)
+        else:
+            q = model(v1, width=w, use_running_average=False)
+            loss, logits = sl.info_nce(q, key_out, queue.keys, config.temperature)
+        contrast[i] = loss
+        if i == 0:
+            teacher = logits
+        else:
+            distill[i] = sl.contrastive_distillation(logits, teacher, config.distill_temperature)
+    losses = jnp.stack(contrast + distill)
+    return losses, _pure(nnx.state(model, nnx.BatchStat))
+
+
+def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
+    """The jitted pretraining step ``(state, x, key, slim) -> (state, metrics)``.
+
+    ``slim=False`` (before the slow-start switch) runs the full width only; the
+    sub-widths' losses are then 0, their statistics untouched, and their
+    compute saved. Each value of ``slim`` compiles once; the loss weights are
+    a runtime array, so the all-widths program serves the whole second phase.
+    (A ``lax.cond`` on the step would give one program, but on XLA CPU it made
+    every step about 10x slower in our measurements.)
+    """
+    widths = tuple(config.widths)
+    schedule = sl.slow_start_schedule(
+        widths,
+        switch_step,
+        mode=config.loss_weight_mode,
+        distill_weight=config.distill_weight,
+    )
+
+    @functools.partial(jax.jit, static_argnames="slim")
+    def step(state: TrainState, x, key, slim: bool = True):
+        k1, k2 = jax.random.split(key)
+        v1 = input_pipeline.augment(k1, x, kind, config.augment)
+        v2 = input_pipeline.augment(k2, x, kind, config.augment)
+        key_params, key_stats, queue, key_out = (
+            state.key_params, state.key_stats, state.queue, None,
+        )
+        if config.framework == "mocov2":
+            # Momentum update first, then the keys (as MoCo does).
+            key_params = sl.update_key_encoder(key_params, state.params, config.key_momentum)
+            key_model = nnx.merge(graphdef, key_params, key_stats)
+            key_out = jax.lax.stop_gradient(key_model(v2, width=widths[0], use_running_average=False))
+            key_stats = _pure(nnx.state(key_model, nnx.BatchStat))
+
+        weights = schedule(state.step)
+
+        def branch(active_widths):
+            def run(params):
+                fn = sl.weighted_value_and_grad(
+                    functools.partial(_loss_vector, widths=active_widths), has_aux=True
+                )
+                return fn(params, weights, state.batch_stats, graphdef, v1, v2, key_out,
+                          queue, config)
+
+            return run
+
+        (total, losses, batch_stats), grads = branch(widths if slim else widths[:1])(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if config.framework == "mocov2":
+            queue = sl.enqueue(queue, key_out)
+        metrics = {"loss": total, "losses": losses}
+        if len(widths) > 1:
+            metrics["imbalance_ratio"] = opt_state[0].mean_ratio
+        new_state = TrainState(
+            state.step + 1, params, batch_stats, opt_state, key_params, key_stats, queue
+        )
+        return new_state, metrics
+
+    return step
+
+
+def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
+    """Pretrains the slimmable encoder; returns ``(graphdef, params, stats, history)``.
+
+    ``history`` holds one entry per epoch: the mean loss, the per-width
+    contrastive and distillation losses, and the mean imbalance ratio.
+    """
+    model = create_model(config, nnx.Rngs(config.seed))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = _pure(params), _pure(batch_stats)
+    steps_per_epoch = len(data.x_train) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+    switch_step = int(round(config.slow_start_fraction * total_steps))
+    tx = create_optimizer(config, model, total_steps, switch_step, steps_per_epoch)
+    if config.framework == "mocov2":
+        key_params, key_stats = params, batch_stats
+        queue = sl.init_queue(jax.random.key(config.seed + 1), config.queue_size,
+                              config.projection_dim)
+    elif config.framework == "simclr":
+        key_params = key_stats = queue = ()
+    else:
+        raise ValueError(
+            f"config.framework must be 'simclr' or 'mocov2', got {config.framework!r}."
+        )
+    state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats, tx.init(params),
+                       key_params, key_stats, queue)
+    step = make_pretrain_step(graphdef, tx, config, data.kind, switch_step)
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
+    widths = tuple(config.widths)
+    history = []
+    global_step = 0
+    for epoch in range(config.num_epochs):
+        t0 = time.time()
+        sums = []
+        for idx in input_pipeline.epoch_indices(len(data.x_train), config.batch_size, rng):
+            key, sub = jax.random.split(key)
+            slim = len(widths) > 1 and global_step >= switch_step
+            state, metrics = step(state, data.x_train[idx], sub, slim=slim)
+            global_step += 1
+            sums.append(metrics)
+        means = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *sums)
+        n = len(widths)
+        entry = {
+            "epoch": epoch + 1,
+            "loss": float(means["loss"]),
+            "contrastive": dict(zip(map(str, widths), np.asarray(means["losses"][:n]).tolist())),
+            "distillation": dict(zip(map(str, widths), np.asarray(means["losses"][n:]).tolist())),
+            "slimmable": bool(epoch * steps_per_epoch >= switch_step),
+            "seconds": time.time() - t0,
+        }
+        if "imbalance_ratio" in means:
+            entry["imbalance_ratio"] = float(means["imbalance_ratio"])
+        history.append(entry)
+        if log and (epoch + 1) % config.log_every_epochs == 0:
+            logging.info(
+                "epoch %d loss %.4f contrastive %s distillation %s ratio %s (%.1fs)",
+                epoch + 1, entry["loss"],
+                {w: round(v, 4) for w, v in entry["contrastive"].items()},
+                {w: round(v, 4) for w, v in entry["distillation"].items()},
+                round(entry.get("imbalance_ratio", float("nan")), 4), entry["seconds"],
+            )
+    return graphdef, state.params, state.batch_stats, history
+
+
+# ----------------------------------------------------------------------------
+# 3. Switchable linear probe
+
+
+def extract_features(graphdef, params, batch_stats, x, width, kind, batch_size=500):
+    """Backbone features of ``x`` at ``width`` in eval mode.
+
+    Returns ``(features, batch_stats_after)``; the statistics come back from
+    the model after the calls, so a caller can check that the probe left the
+    backbone untouched.
+    """
+
+    @jax.jit
+    def run(batch_stats, xb):
+        model = nnx.merge(graphdef, params, batch_stats)
+        f = model.features(input_pipeline.preprocess(xb, kind), width=width,
+                           use_running_average=True)
+        return f, _pure(nnx.state(model, nnx.BatchStat))
+
+    out = []
+    for i in range(0, len(x), batch_size):
+        f, batch_stats = run(batch_stats, x[i : i + batch_size])
+        out.append(np.asarray(f))
+    return np.concatenate(out), batch_stats
+
+
+def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
+    """Trains one linear head per width on fixed features; returns test accuracies.
+
+    Args:
+      features: ``{width: (train_features, test_features)}``.
+
+    The features are standardized with the training mean and standard
+    deviation (an affine map, so the probe stays linear in the features).
+    Each head sees only its width; the heads are one
+    :class:`~optax_wa.slimmable.SwitchableLinear` trained with Adam on the sum
+    of the per-width cross-entropies.
+    """
+    widths = tuple(features)
+    standardized = {}
+    for w, (tr, te) in features.items():
+        mu, sd = tr.mean(0), tr.std(0) + 1e-6
+        standardized[w] = ((tr - mu) / sd, (te - mu) / sd)
+    dims = [standardized[w][0].shape[1] for w in widths]
+    probe = _make_probe(dims, num_classes, widths, seed)
+    graphdef, params = nnx.split(probe)
+    steps_per_epoch = max(len(y_train) // config.probe_batch_size, 1)
+    tx = optax.adam(optax.cosine_decay_schedule(config.probe_learning_rate,
+                                                steps_per_epoch * config.probe_epochs))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, xs, y):
+        def loss_fn(params):
+            head = nnx.merge(graphdef, params)
+            total = 0.0
+            for w, xw in zip(widths, xs):
+                logits = head(xw, width=w)
+                total += optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return total
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    rng = np.random.default_rng(seed)
+    train_x = [standardized[w][0] for w in widths]
+    for _ in range(config.probe_epochs):
+        for idx in input_pipeline.epoch_indices(len(y_train), config.probe_batch_size, rng):
+            params, opt_state = step(params, opt_state, [x[idx] for x in train_x], y_train[idx])
+    head = nnx.merge(graphdef, params)
+    accuracy = {}
+    for w in widths:
+        logits = head(jnp.asarray(standardized[w][1]), width=w)
+        accuracy[w] = float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
+    return accuracy, head
+
+
+def _make_probe(dims, num_classes, widths, seed):
+    """A SwitchableLinear whose head for ``widths[i]`` reads ``dims[i]`` features."""
+    full = max(dims)
+    sliced = any(d != full for d in dims)
+    probe = sl.SwitchableLinear(full, num_classes, widths, slice_input=sliced,
+                                rngs=nnx.Rngs(seed))
+    expected = [sl.slim_size(full, w) if sliced else full for w in widths]
+    if expected != list(dims):
+        raise ValueError(f"feature sizes {dims} do not match widths {widths}.")
+    return probe
+
+
+def probe_backbone(graphdef, params, batch_stats, data, config, widths=None):
+    """Switchable linear probe of every width; returns ``(accuracy, stats_after)``."""
+    widths = tuple(config.widths) if widths is None else widths
+    features = {}
+    stats = batch_stats
+    for w in widths:
+        tr, stats = extract_features(graphdef, params, stats, data.x_train, w, data.kind)
+        te, stats = extract_features(graphdef, params, stats, data.x_test, w, data.kind)
+        features[w] = (tr, te)
+    accuracy, _ = train_linear_probe(
+        features, data.y_train, data.y_test, data.num_classes, config, config.seed
+    )
+    return accuracy, stats
+
+
+def raw_input_probe(data, config):
+    """Linear probe accuracy on the raw (flattened) inputs."""
+    tr = np.asarray(input_pipeline.preprocess(jnp.asarray(data.x_train), data.kind))
+    te = np.asarray(input_pipeline.preprocess(jnp.asarray(data.x_test), data.kind))
+    features = {1.0: (tr.reshape(len(tr), -1), te.reshape(len(te), -1))}
+    accuracy, _ = train_linear_probe(
+        features, data.y_train, data.y_test, data.num_classes, config, config.seed
+    )
+    return accuracy[1.0]
+
+
+# ----------------------------------------------------------------------------
+# Entry point
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Pretrains, probes every width, writes ``metrics.json`` to ``workdir``.
+
+    Returns:
+      ``{"probe_accuracy": {width: acc}, "history": [...], "switch_epoch": e}``.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    data = input_pipeline.load(config)
+    logging.info("data: %d train / %d test (%s)", len(data.y_train), len(data.y_test), data.kind)
+    graphdef, params, batch_stats, history = pretrain(config, data)
+    accuracy, stats_after = probe_backbone(graphdef, params, batch_stats, data, config)
+    unchanged = all(
+        bool(jnp.array_equal(a, b))
+        for a, b in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(stats_after))
+    )
+    for w, acc in accuracy.items():
+        logging.info("linear probe accuracy at width %s: %.4f", w, acc)
+    result = {
+        "probe_accuracy": {str(w): a for w, a in accuracy.items()},
+        "history": history,
+        "backbone_unchanged_by_probe": unchanged,
+    }
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if config.save_checkpoint:
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(
+                os.path.abspath(os.path.join(workdir, "checkpoint")),
+                {"params": params, "batch_stats": batch_stats},
+                force=True,
+            )
+    result["probe_accuracy"] = accuracy
+    return result

@@ -1,0 +1,741 @@
+"""WASH: shuffling a random fraction of weights across ensemble members.
+
+After every optimizer step, each scalar parameter (coordinate) is selected
+independently with a per-tensor probability; the members' values of a
+selected coordinate are permuted among the members by a uniformly random
+permutation. Only the selected values move, so in a sharded ensemble a step
+communicates ``O(p * d)`` values instead of the ``O(d)`` of an average.
+
+Probability convention: ``p`` counts *selections*. A selected coordinate gets
+a permutation drawn uniformly from all ``M!`` permutations, the identity
+included, so a selected value stays with its member with probability ``1/M``
+and the expected fraction of values that change member is ``p (M - 1) / M``.
+
+Selection is exact and ``O(k)``: the selected coordinates of a tensor of
+``d`` values are the points of a Bernoulli process, generated from geometric
+gaps ``G ~ Geometric(p)`` in a static number of slots, a bound ``K`` on
+``Binomial(d, p)`` exceeded with probability below ``1e-9``. Item ``t`` (the
+``t``-th selected coordinate of a tensor) draws its gap and its permutation
+from its own key, ``fold_in(tensor_key, t)``; when the slots (or, sharded,
+the exchange buffers) do not suffice, a ``lax.while_loop`` processes the rest
+in another round with the very same draws, so the selection is exactly
+"each coordinate independently with probability ``p``" (up to float32
+uniforms), never truncated. The common case is one round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.extend.random import threefry_2x32
+
+from optax_wa import members
+
+PyTree = Any
+
+_LAYER_PROBS = ("linear", "constant")
+_MAX_LEAF_SIZE = 2**30
+_LEHMER_MAX = 8  # 8! / 2**32 < 1e-5
+
+
+class WashState(NamedTuple):
+    """State of :func:`wash`.
+
+    Attributes:
+      count: number of updates so far (int32 scalar; per member in named mode,
+        identical in every member).
+      key: the PRNG key data of ``jax.random.PRNGKey(seed)``; step ``t`` uses
+        ``fold_in(key, t)``, shared by every member and device.
+      inner_state: the inner optimizer's state, one per member.
+    """
+
+    count: jax.Array
+    key: jax.Array
+    inner_state: optax.OptState
+
+
+# ---------------------------------------------------------------------------
+# Per-tensor probabilities.
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_parts(path) -> tuple[str, ...]:
+    return tuple(_key_name(entry) for entry in path)
+
+
+def _entry_parts(entry) -> tuple[str, ...]:
+    if isinstance(entry, str):
+        return tuple(part for part in entry.split("/") if part)
+    if isinstance(entry, (tuple, list)):
+        return tuple(str(part) for part in entry)
+    raise ValueError(
+        "depth_order entries must be '/'-joined path strings such as "
+        f"'layers_2/kernel' or tuples of keys, got {entry!r}."
+    )
+
+
+def _check_prob(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        if not (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0):
+            raise ValueError(f"{name} must be a float in [0, 1], got {value!r}.")
+        if isinstance(value, jax.core.Tracer):
+            raise ValueError(
+                f"{name} must be a concrete float in [0, 1] (it sets static buffer "
+                "sizes); with optax.inject_hyperparams list it in static_args."
+            )
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+    return value
+
+
+def _check_layer_probs(layer_probs):
+    if isinstance(layer_probs, str):
+        if layer_probs not in _LAYER_PROBS:
+            raise ValueError(
+                f"layer_probs must be one of {_LAYER_PROBS}, a callable "
+                f"(path, leaf) -> p or a pytree of floats, got {layer_probs!r}."
+            )
+        return
+    if callable(layer_probs):
+        return
+    leaves = jax.tree.leaves(layer_probs)
+    if not leaves:
+        raise ValueError(
+            f"layer_probs must be one of {_LAYER_PROBS}, a callable or a "
+            f"non-empty pytree of floats, got {layer_probs!r}."
+        )
+    for leaf in leaves:
+        _check_prob("every value of layer_probs", leaf)
+
+
+def _check_depth_order(depth_order):
+    if depth_order is None or callable(depth_order):
+        return
+    if isinstance(depth_order, str) or not isinstance(depth_order, Sequence):
+        raise ValueError(
+            "depth_order must be None, a callable (path, leaf) -> depth, or a "
+            f"sequence of path prefixes (first = shallowest), got {depth_order!r}."
+        )
+    if not depth_order:
+        raise ValueError("depth_order must not be empty.")
+    for entry in depth_order:
+        _entry_parts(entry)
+
+
+def _linear_depths(paths, structs, depth_order) -> tuple[list[int], int]:
+    """Depth index of every leaf and the number of depths ``L``."""
+    if depth_order is None:
+        if len(paths) == 1:
+            return [0], 1
+        raise ValueError(
+            "layer_probs='linear' needs depth_order=[...] (path prefixes from the "
+            "first layer to the last) or a callable (path, leaf) -> depth: the "
+            "order of a pytree's keys is alphabetical, not depth (layers_10 "
+            "sorts before layers_2)."
+        )
+    if callable(depth_order):
+        keys = [depth_order(path, struct) for path, struct in zip(paths, structs)]
+        ranks = {key: i for i, key in enumerate(sorted(set(keys)))}
+        return [ranks[key] for key in keys], len(ranks)
+    entries = [_entry_parts(entry) for entry in depth_order]
+    used = [False] * len(entries)
+    depths = []
+    for path in paths:
+        parts = _path_parts(path)
+        best = None
+        for i, entry in enumerate(entries):
+            if parts[: len(entry)] == entry and (
+                best is None or len(entry) > len(entries[best])
+            ):
+                best = i
+        if best is None:
+            raise ValueError(
+                f"depth_order: leaf {'/'.join(parts)} matches no entry of "
+                f"depth_order (entries: {['/'.join(e) for e in entries]})."
+            )
+        used[best] = True
+        depths.append(best)
+    unused = ["/".join(e) for e, u in zip(entries, used) if not u]
+    if unused:
+        raise ValueError(f"depth_order: entries {unused} match no leaf of the params.")
+    return depths, len(entries)
+
+
+def wash_layer_probs(
+    params: PyTree,
+    *,
+    shuffle_prob: float = 0.01,
+    layer_probs="linear",
+    depth_order=None,
+    stacked: bool = True,
+) -> PyTree:
+    r"""The shuffle probability of every tensor, as :func:`wash` uses it.
+
+    ``"constant"``: every tensor gets ``shuffle_prob``. ``"linear"``: the
+    tensor at depth :math:`l` of :math:`L` gets
+
+    .. math::
+      p_l = p \left(1 - \frac{l}{L - 1}\right),
+
+    so the first layer gets ``p`` and the last ``0`` (a single depth gets
+    ``p``). Depth comes from ``depth_order``, never from key order.
+    A callable gets ``(path, leaf)`` with ``leaf`` a ``jax.ShapeDtypeStruct``
+    of one member's tensor and returns ``p``; a pytree of floats (one
+    member's structure) gives ``p`` per tensor. The last two ignore
+    ``shuffle_prob``.
+
+    Args:
+      params: the params (stacked, or one member with ``stacked=False``).
+      shuffle_prob: ``p``, in ``[0, 1]``.
+      layer_probs: ``"linear"``, ``"constant"``, a callable or a pytree.
+      depth_order: for ``"linear"``: a sequence of path prefixes from the first
+        layer to the last (``"layers_2"``, ``"params/Dense_0"`` or a tuple of
+        keys; a leaf takes the longest matching prefix; every leaf must match
+        one and every entry must match a leaf), or a callable
+        ``(path, leaf) -> depth`` (any sortable value; equal values share a
+        depth). Required for ``"linear"`` when there is more than one tensor.
+      stacked: whether ``params`` carry a leading member axis.
+
+    Returns:
+      A pytree like ``params`` of Python floats.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa.shuffling import wash_layer_probs
+      >>> params = {f"layers_{i}": jnp.zeros((2, 3)) for i in (0, 1, 2, 10)}
+      >>> order = ["layers_0", "layers_1", "layers_2", "layers_10"]
+      >>> wash_layer_probs(params, shuffle_prob=0.3, depth_order=order)
+      {'layers_0': 0.3, 'layers_1': 0.2, 'layers_10': 0.0, 'layers_2': 0.1}
+    """
+    shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
+    _check_layer_probs(layer_probs)
+    _check_depth_order(depth_order)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("wash_layer_probs: params have no leaves.")
+    paths = [path for path, _ in flat]
+    structs = [
+        jax.ShapeDtypeStruct(np.shape(leaf)[1:] if stacked else np.shape(leaf), leaf.dtype)
+        for _, leaf in flat
+    ]
+    if isinstance(layer_probs, str) and layer_probs == "constant":
+        probs = [shuffle_prob] * len(flat)
+    elif isinstance(layer_probs, str):
+        depths, num_depths = _linear_depths(paths, structs, depth_order)
+        scale = max(num_depths - 1, 1)
+        probs = [round(shuffle_prob * (1.0 - d / scale), 15) for d in depths]
+    elif callable(layer_probs):
+        probs = [
+            _check_prob(f"layer_probs({jax.tree_util.keystr(path)})", layer_probs(path, s))
+            for path, s in zip(paths, structs)
+        ]
+    else:
+        try:
+            given = treedef.flatten_up_to(layer_probs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"layer_probs: the pytree of floats must have the params' structure: {err}"
+            ) from None
+        probs = [_check_prob("every value of layer_probs", p) for p in given]
+    return jax.tree.unflatten(treedef, probs)
+
+
+# ---------------------------------------------------------------------------
+# The shuffle engine.
+
+
+class _Job(NamedTuple):
+    """One tensor to shuffle: which arrays move together, and how often."""
+
+    leaf_id: int  # folds into the step key
+    size: int  # values per member
+    prob: float
+    slots: int  # items drawn per round (static)
+    arrays: tuple[int, ...]  # indices into the carried arrays
+    bases: tuple[int | None, ...]  # read-only base per array (value = base + carry)
+
+
+def _draw_round(keypair, starts, jobs, num_members):
+    """Gaps and permutations of every tensor's items of one round, at once.
+
+    Tensor ``j`` reads items ``starts[j] .. starts[j] + slots`` (one more than
+    its slots: the last only tells whether items remain). Item ``t`` of the
+    tensor with ``leaf_id`` hashes the counter ``(t, leaf_id * W + w)`` with
+    Threefry-2x32 under the step's key pair, so its draws do not depend on the
+    round that reads them: a round that stops early is continued with the
+    very same draws.
+
+    Returns ``(pos, valid, perms)`` over the concatenated items: the selected
+    positions (``last + cumulative gaps``), whether each is inside its tensor
+    (a prefix of every segment), and the ``(N, M)`` permutations.
+    """
+    counts = [job.slots + 1 for job in jobs]
+    seg = np.repeat(np.arange(len(jobs)), counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    local = np.arange(seg.size) - first[seg]
+    width = 1 if num_members <= _LEHMER_MAX else (num_members + 2) // 2
+    leaf_ids = np.array([job.leaf_id for job in jobs], np.uint32)
+    lanes = (leaf_ids[seg][:, None] * width + np.arange(width, dtype=np.uint32)).astype(
+        np.uint32
+    )
+    items = (starts[seg] + jnp.asarray(local, jnp.int32)).astype(jnp.uint32)
+    counter = jnp.stack([jnp.broadcast_to(items[:, None], lanes.shape), jnp.asarray(lanes)])
+    words = threefry_2x32(keypair, counter)
+    words = jnp.moveaxis(words, 0, -1).reshape(seg.size, 2 * width)
+
+    probs = np.array([job.prob for job in jobs])[seg]
+    sizes = np.array([job.size for job in jobs], np.int32)[seg]
+    log_keep = np.where(probs < 1.0, np.log1p(-np.where(probs < 1.0, probs, 0.0)), -1.0)
+    mantissa = (words[:, 0] >> 9) | jnp.uint32(0x3F800000)
+    uniform = 2.0 - jax.lax.bitcast_convert_type(mantissa, jnp.float32)  # (0, 1]
+    skips = jnp.floor(jnp.log(uniform) / jnp.asarray(log_keep, jnp.float32))
+    skips = jnp.where(jnp.asarray(probs >= 1.0), 0.0, skips)
+    gaps = jnp.minimum(skips, jnp.asarray(sizes, jnp.float32)).astype(jnp.int32) + 1
+
+    def segment_cumsum(x):  # int32 wraps; only values inside a tensor matter
+        total = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(x)])
+        return total[1:] - total[jnp.asarray(first)][seg]
+
+    return gaps, segment_cumsum, sizes, seg, first, words[:, 1:]
+
+
+def _permutations(words, num_members):
+    """Uniform random permutations of ``num_members``, one per row of words.
+
+    Up to ``_LEHMER_MAX`` members, one 32-bit word ``u`` per row: its mixed-radix
+    digits ``u mod M, (u div M) mod (M - 1), ...`` drive a Fisher-Yates
+    shuffle; ``u`` uniform on ``[0, 2**32)`` makes the permutation uniform up
+    to a total-variation error below ``M! / 2**32`` (``1e-5`` at 8 members).
+    Above, ``M`` words per row: the ranks of i.i.d. words (ties, of
+    probability below ``M**2 / 2**33``, go to the lower index).
+    """
+    rows = words.shape[0]
+    lanes = jnp.arange(num_members, dtype=jnp.int32)
+    if num_members > _LEHMER_MAX:
+        keys = words[:, :num_members]
+        return jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1).astype(jnp.int32)
+    code = words[:, 0]
+    perm = jnp.broadcast_to(lanes, (rows, num_members))
+    for i in range(num_members - 1, 0, -1):
+        digit = (code % jnp.uint32(i + 1)).astype(jnp.int32)
+        code = code // jnp.uint32(i + 1)
+        at_digit = lanes[None, :] == digit[:, None]
+        moved = jnp.sum(jnp.where(at_digit, perm, 0), axis=1)  # perm[digit]
+        perm = jnp.where(at_digit, perm[:, i : i + 1], perm)  # perm[digit] = perm[i]
+        perm = perm.at[:, i].set(moved)
+    return perm
+
+
+def _take(x, idx, stacked):
+    return x[:, idx] if stacked else x[idx]
+
+
+def _put(x, idx, v, stacked):
+    kwargs = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
+    return x.at[:, idx].set(v, **kwargs) if stacked else x.at[idx].set(v, **kwargs)
+
+
+def _read(carry, base, idx, stacked):
+    value = _take(carry, idx, stacked)
+    if base is None:
+        return value, None
+    old = _take(base, idx, stacked)
+    return (old + value).astype(base.dtype), old
+
+
+def _write(new, old, carry_dtype):
+    if old is None:
+        return new
+    acc = jnp.promote_types(old.dtype, jnp.float32)
+    return (new.astype(acc) - old.astype(acc)).astype(carry_dtype)
+
+
+def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
+    """Runs the rounds; returns the carried arrays with the shuffle applied.
+
+    ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
+    mode and ``(d,)`` in named mode. A job's value is ``base + carry`` where
+    it has a base (the new parameters, written back as an update) and the
+    carry itself otherwise.
+    """
+    stacked = axis_name is None
+    jobs = [job for job in jobs if job.prob > 0.0]
+    if not jobs or num_members < 2:
+        return arrays
+    keypair = jax.random.bits(key, (2,), jnp.uint32)
+    slots = np.array([job.slots for job in jobs])
+    ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])  # offsets among items
+    expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
+    capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
+    item_axis = 1 if stacked else 0
+
+    def one_round(carry):
+        arrays, starts, lasts, _ = carry
+        arrays = list(arrays)
+        gaps, segment_cumsum, sizes, seg, first, words = _draw_round(
+            keypair, starts, jobs, num_members
+        )
+        pos = lasts[seg] + segment_cumsum(gaps)
+        valid = segment_cumsum((pos >= jnp.asarray(sizes)).astype(jnp.int32)) == 0
+        exchanged = np.concatenate([first[j] + np.arange(n) for j, n in enumerate(slots)])
+        perms = _permutations(words[exchanged], num_members)
+
+        columns, olds = {}, []
+        for j, job in enumerate(jobs):
+            span = pos[first[j] : first[j] + job.slots]
+            idx = jnp.clip(span, 0, job.size - 1)
+            job_olds = []
+            for a, b in zip(job.arrays, job.bases):
+                value, old = _read(arrays[a], None if b is None else bases[b], idx, stacked)
+                columns.setdefault(jnp.dtype(value.dtype).name, {}).setdefault(j, []).append(
+                    value
+                )
+                job_olds.append(old)
+            olds.append(job_olds)
+
+        # One exchange per dtype, every tensor's items concatenated.
+        values = {}
+        for name, per_job in columns.items():
+            width = max(len(cols) for cols in per_job.values())
+            blocks = []
+            for j, job in enumerate(jobs):
+                cols = list(per_job.get(j, []))
+                shape = (num_members, job.slots) if stacked else (job.slots,)
+                cols += [jnp.zeros(shape, name)] * (width - len(cols))
+                blocks.append(jnp.stack(cols, axis=-1))
+            values[name] = jnp.concatenate(blocks, axis=item_axis)
+        new_values, num_done = members.permute_members(
+            values,
+            perms,
+            axis_name=axis_name,
+            valid=valid[exchanged],
+            capacity=capacity,
+        )
+
+        in_slots = jnp.asarray(np.arange(seg.size) - first[seg] < slots[seg])
+        num_valid = jax.ops.segment_sum(
+            (valid & in_slots).astype(jnp.int32), jnp.asarray(seg), num_segments=len(jobs)
+        )
+        done = jnp.clip(num_done - jnp.asarray(ex_first, jnp.int32), 0, num_valid)
+        for j, job in enumerate(jobs):
+            slot = jnp.arange(job.slots, dtype=jnp.int32)
+            span = pos[first[j] : first[j] + job.slots]
+            idx = jnp.where(slot < done[j], span, job.size + slot)
+            counters = {}
+            for a, old in zip(job.arrays, olds[j]):
+                name = jnp.dtype(old.dtype if old is not None else arrays[a].dtype).name
+                column = counters.get(name, 0)
+                counters[name] = column + 1
+                block = jax.lax.slice_in_dim(
+                    new_values[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
+                )
+                new = _write(block[..., column], old, arrays[a].dtype)
+                arrays[a] = _put(arrays[a], idx, new, stacked)
+        first_j = jnp.asarray(first, jnp.int32)
+        more = jnp.any(valid[first_j + done])
+        last_done = pos[first_j + jnp.maximum(done - 1, 0)]
+        lasts = jnp.where(done > 0, last_done, lasts)
+        return tuple(arrays), starts + done, lasts, more
+
+    starts = jnp.zeros((len(jobs),), jnp.int32)
+    lasts = jnp.full((len(jobs),), -1, jnp.int32)
+    init = (tuple(arrays), starts, lasts, jnp.asarray(True))
+    return list(jax.lax.while_loop(lambda c: c[3], one_round, init)[0])
+
+
+def _leaf_size(leaf, stacked) -> int:
+    shape = np.shape(leaf)[1:] if stacked else np.shape(leaf)
+    size = int(np.prod(shape, dtype=np.int64))
+    if size >= _MAX_LEAF_SIZE:
+        raise ValueError(f"wash: tensors above 2**30 values per member are not supported ({shape}).")
+    return size
+
+
+def _flat(x, stacked):
+    return x.reshape((x.shape[0], -1) if stacked else (-1,))
+
+
+def _member_count(tree, axis_name) -> int:
+    if axis_name is None:
+        return members.num_members(tree)
+    return int(jax.lax.axis_size(axis_name))
+
+
+def shuffle_coordinates(
+    tree: PyTree,
+    key: jax.Array,
+    probs,
+    *,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> PyTree:
+    r"""Permutes a random subset of coordinates across members (WASH's shuffle).
+
+    Every coordinate of a tensor with probability :math:`p` is selected
+    independently with probability :math:`p`; the members' values of a
+    selected coordinate :math:`c` are permuted by a uniform random
+    permutation :math:`\pi_c` (identity allowed):
+
+    .. math::
+      w_{i, c} \leftarrow w_{\pi_c(i), c}.
+
+    Values are moved, never recomputed: per coordinate the multiset of member
+    values, hence the member mean, is unchanged exactly. Every member and
+    device must pass the same ``key``.
+
+    Args:
+      tree: a stacked ensemble (stacked mode) or one member (named mode).
+      key: a PRNG key shared by every member.
+      probs: a float in ``[0, 1]`` for every tensor, or a pytree of floats
+        with the structure of ``tree`` (see :func:`wash_layer_probs`).
+      axis_name: ``None`` (stacked mode) or the mapped member axis name(s).
+
+    Returns:
+      The shuffled tree.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from optax_wa.shuffling import shuffle_coordinates
+      >>> tree = {"w": jnp.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]])}
+      >>> out = shuffle_coordinates(tree, jax.random.key(0), 1.0)
+      >>> jnp.sort(out["w"], axis=0)       # each column keeps its values
+      Array([[ 0.,  1.,  2.],
+             [10., 11., 12.]], dtype=float32)
+    """
+    stacked = axis_name is None
+    leaves, treedef = jax.tree.flatten(tree)
+    if isinstance(probs, (int, float, np.number)) and not isinstance(probs, bool):
+        prob_list = [_check_prob("probs", probs)] * len(leaves)
+    else:
+        prob_list = [_check_prob("probs", p) for p in treedef.flatten_up_to(probs)]
+    num_members = _member_count(tree, axis_name)
+    if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    jobs = [
+        _make_job(i, _leaf_size(leaf, stacked), p, [i], [None])
+        for i, (leaf, p) in enumerate(zip(leaves, prob_list))
+    ]
+    flat = [_flat(leaf, stacked) for leaf in leaves]
+    out = _shuffle(flat, [], jobs, key, num_members, axis_name)
+    return jax.tree.unflatten(treedef, [o.reshape(leaf.shape) for o, leaf in zip(out, leaves)])
+
+
+# ---------------------------------------------------------------------------
+# The optimizer.
+
+
+def _params_shaped_state(inner, inner_state, params, stacked):
+    """Groups the inner state's params-shaped leaves by parameter leaf.
+
+    Returns ``(groups, rebuild)``: ``groups[i]`` lists the state leaves that
+    belong to parameter leaf ``i`` (same shape), and ``rebuild(new_groups)``
+    puts replacements back into the state.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    ids = jax.tree.unflatten(treedef, list(range(len(leaves))))
+    groups: dict[int, list] = {i: [] for i in range(len(leaves))}
+
+    def grab(leaf, i):
+        if hasattr(leaf, "shape") and np.shape(leaf) == np.shape(leaves[i]):
+            groups[i].append(leaf)
+        return leaf
+
+    try:
+        optax.tree_utils.tree_map_params(inner, grab, inner_state, ids)
+    except Exception as err:  # the inner init cannot run on a placeholder
+        raise ValueError(
+            "wash(shuffle_opt_state=True) could not locate the params-shaped "
+            f"leaves of the inner optimizer's state: {err}"
+        ) from err
+
+    def rebuild(new_groups):
+        queues = {i: iter(new_groups[i]) for i in new_groups}
+
+        def put(leaf, i):
+            if hasattr(leaf, "shape") and np.shape(leaf) == np.shape(leaves[i]):
+                return next(queues[i])
+            return leaf
+
+        return optax.tree_utils.tree_map_params(inner, put, inner_state, ids)
+
+    return groups, rebuild
+
+
+def _make_job(leaf_id, size, prob, arrays, bases):
+    slots = max(members._count_upper_bound(size * prob, size), 1)
+    return _Job(leaf_id, size, prob, slots, tuple(arrays), tuple(bases))
+
+
+def wash(
+    inner: optax.GradientTransformation,
+    *,
+    shuffle_prob: float = 0.01,
+    layer_probs="linear",
+    depth_order=None,
+    shuffle_opt_state: bool = False,
+    seed: int = 0,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""WASH: after each step, shuffle a random fraction of weights across members.
+
+    Every member takes the inner optimizer's step, then each coordinate
+    :math:`c` of a tensor with probability :math:`p_l` is selected
+    independently, and the members' new values of a selected coordinate are
+    permuted by a uniformly random permutation :math:`\pi_c` of the
+    :math:`M` members (identity allowed: :math:`p` counts selections):
+
+    .. math::
+      w^{t+1}_{i,c} = \begin{cases}
+        w^t_{\pi_c(i),c} + u^t_{\pi_c(i),c} & c \text{ selected,} \\
+        w^t_{i,c} + u^t_{i,c} & \text{otherwise,}
+      \end{cases}
+
+    where :math:`u_i^t` is the inner update of member :math:`i`. Per
+    coordinate the multiset of member values is unchanged, so the member mean
+    is the mean the members would have without shuffling. The random
+    decisions use one key for all members and devices,
+    ``fold_in(PRNGKey(seed), step)``; the member index is never folded in.
+
+    Only the selected values move: ``O(k)`` work and, in the sharded and named
+    backends, one ``all_to_all`` of about :math:`k` values per member and
+    dtype, where :math:`k \approx \sum_l p_l d_l` (see
+    :func:`optax_wa.members.permute_members`). With the member axis split over
+    an explicit mesh (``jax.make_mesh``'s default), stacked mode finds the
+    mesh in the params' type and runs the exchange under ``jax.shard_map``.
+
+    The returned update is ``new_params - params`` at the shuffled
+    coordinates and the inner update elsewhere, so ``wash`` must be the last
+    element of an ``optax.chain``. Extra keyword arguments of ``update`` go to
+    every member's inner update unchanged. The final model is the uniform
+    average of the members (:func:`optax_wa.members.average_members`, then
+    recalibrate BatchNorm statistics).
+
+    Args:
+      inner: the per-member optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``).
+      shuffle_prob: :math:`p`, in ``[0, 1]``; static (it sizes buffers): with
+        ``optax.inject_hyperparams`` list it in ``static_args``.
+      layer_probs: ``"linear"`` (:math:`p_l = p(1 - l/(L-1))`, first layer
+        :math:`p`, last layer 0, depth from ``depth_order``), ``"constant"``,
+        a callable ``(path, leaf) -> p`` or a pytree of floats (see
+        :func:`wash_layer_probs`).
+      depth_order: the depth of every tensor for ``"linear"``: path prefixes
+        from the first layer to the last (e.g. ``["conv_in", "block_0",
+        "block_1", "head"]``) or a callable ``(path, leaf) -> depth``. Needed
+        for ``"linear"`` when the params have more than one tensor.
+      shuffle_opt_state: if True, the inner state's params-shaped leaves
+        (momentum, Adam moments) are shuffled with the same coordinates and
+        permutations as their parameter (WASH+Opt).
+      seed: the integer seed of the shuffle.
+      axis_name: ``None`` (stacked mode: params carry a leading member axis)
+        or the mapped member axis name (named mode; a tuple of names spans
+        several mapped axes, e.g. ``("members", "local")`` for members vmapped
+        inside ``jax.shard_map``).
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` with state :class:`WashState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, optax_wa
+      >>> params = {"w": jnp.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]])}
+      >>> opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=1.0, layer_probs="constant")
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
+      >>> new = optax.apply_updates(params, updates)
+      >>> bool((jnp.sort(new["w"], axis=0) == params["w"]).all())   # values only move
+      True
+
+    References:
+      Fournier et al., `WASH: Train your Ensemble with Communication-Efficient
+      Weight Shuffling, then Average <https://arxiv.org/abs/2405.17517>`_, 2024.
+    """
+    shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
+    _check_layer_probs(layer_probs)
+    _check_depth_order(depth_order)
+    if not isinstance(shuffle_opt_state, bool):
+        raise ValueError(f"shuffle_opt_state must be a bool, got {shuffle_opt_state!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    raw_inner = optax.with_extra_args_support(inner)
+    per_member = members.per_member(raw_inner, axis_name)
+    stacked = axis_name is None
+
+    def probabilities(params):
+        probs = wash_layer_probs(
+            params,
+            shuffle_prob=shuffle_prob,
+            layer_probs=layer_probs,
+            depth_order=depth_order,
+            stacked=stacked,
+        )
+        return jax.tree.leaves(probs)
+
+    def init_fn(params):
+        probabilities(params)  # validate against the params now
+        return WashState(
+            count=jnp.zeros([], jnp.int32),
+            key=jax.random.PRNGKey(int(seed)),
+            inner_state=per_member.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("wash rewrites the parameters and needs `params` in update.")
+        inner_updates, inner_state = per_member.update(
+            updates, state.inner_state, params, **extra_args
+        )
+        count = optax.safe_increment(state.count)
+        probs = probabilities(params)
+        if not any(probs):
+            return inner_updates, WashState(count, state.key, inner_state)
+
+        param_leaves, treedef = jax.tree.flatten(params)
+        update_leaves = treedef.flatten_up_to(inner_updates)
+        arrays = [_flat(u, stacked) for u in update_leaves]
+        bases = [_flat(p, stacked) for p in param_leaves]
+        groups, rebuild = {}, None
+        if shuffle_opt_state:
+            groups, rebuild = _params_shaped_state(raw_inner, inner_state, params, stacked)
+        jobs, state_slots = [], {}
+        for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
+            if prob == 0.0:
+                continue
+            job_arrays, job_bases = [i], [i]
+            for s in groups.get(i, []):
+                state_slots.setdefault(i, []).append(len(arrays))
+                job_arrays.append(len(arrays))
+                job_bases.append(None)
+                arrays.append(_flat(s, stacked))
+            jobs.append(_make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases))
+
+        step_key = jax.random.fold_in(state.key, state.count)
+        num_members = _member_count(params, axis_name)
+        out = _shuffle(arrays, bases, jobs, step_key, num_members, axis_name)
+        new_updates = jax.tree.unflatten(
+            treedef, [o.reshape(u.shape) for o, u in zip(out, update_leaves)]
+        )
+        if shuffle_opt_state:
+            new_groups = {
+                i: [
+                    out[a].reshape(s.shape)
+                    for a, s in zip(state_slots.get(i, []), groups[i])
+                ]
+                if i in state_slots
+                else groups[i]
+                for i in groups
+            }
+            inner_state = rebuild(new_groups)
+        return new_updates, WashState(count, state.key, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,229 @@
+"""Tests of the CIFAR example trainer (examples/cifar) on 8 fake CPU devices.
+
+Every method runs 2 steps of ``train_and_evaluate`` on
+``tfds.testing.mock_data`` (offline, no TensorFlow) with 2 members sharded
+over the mesh's ``"members"`` axis; checkpoint + resume reproduces an
+uninterrupted run bit for bit; a dataset that is not prepared names the
+command that prepares it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the examples are not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+import tensorflow_datasets as tfds  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+
+from examples.cifar import input_pipeline, train  # noqa: E402
+from examples.cifar.configs import tiny  # noqa: E402
+from examples.common import augment, data, methods, trainer  # noqa: E402
+
+METHODS = (
+    "sgd",
+    "adamw",
+    "lookahead",
+    "lookaround",
+    "papa",
+    "wash",
+    "sam",
+    "usam",
+    "asam",
+    "ssam",
+    "lookaround+ssam",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Methods share their init and evaluation programs: compile those once."""
+    options = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    previous = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def _run(config, workdir):
+    with tfds.testing.mock_data(num_examples=16):
+        return train.train_and_evaluate(config, str(workdir))
+
+
+def _members_close(tree) -> bool:
+    """Whether member 0 and member 1 agree (to float32 rounding of ``p + (a - p)``)."""
+    return all(
+        np.allclose(x[0], x[1], rtol=1e-6, atol=1e-7) for x in jax.tree.leaves(jax.device_get(tree))
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_two_steps_with_sharded_members(method, tmp_path):
+    config = tiny.get_config()
+    config.method = method
+    config.papa.alpha = 0.0  # PAPA-all: a pull at step 2 makes the members equal
+    config.papa.lr_scaled = False
+    state, metrics = _run(config, tmp_path)
+
+    assert int(state.step) == 2
+    # Members (2) are split over the mesh's members axis (2 of the 8 devices' axes).
+    for leaf in jax.tree.leaves(state.params):
+        assert leaf.shape[0] == 2
+        assert leaf.sharding.spec == jax.sharding.PartitionSpec("members")
+        assert leaf.sharding.mesh.shape["members"] == 2
+    chex.assert_tree_all_finite(state.params)
+    for name in ("member_0", "member_1", "ensemble", "average"):
+        assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
+        assert np.isfinite(metrics[f"eval/{name}/loss"])
+
+    parsed = methods.parse_method(method)
+    if parsed.averaging in ("lookaround", "papa"):
+        # Step 2 is a sync: members and their BatchNorm statistics coincide,
+        # so every member and the logit ensemble score the same.
+        assert _members_close(state.params)
+        assert _members_close(state.model_state)
+        assert metrics["eval/member_0/loss"] == pytest.approx(metrics["eval/ensemble/loss"])
+    elif parsed.averaging == "lookahead":
+        # optax.lookahead resets the fast weights to the slow ones at step 2.
+        chex.assert_trees_all_close(state.params.fast, state.params.slow, rtol=1e-6, atol=1e-7)
+    else:
+        assert not _members_close(state.params)  # independent (or shuffled) members
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # train metrics at steps 1 and 2, evaluation at step 2
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
+    def config(steps):
+        c = tiny.get_config()
+        c.method = "lookaround+sam"
+        c.lookaround.sync_period = 3  # the sync (step 3) happens after the resume
+        c.member_augment = ("randaugment", "autoaugment")
+        c.optimizer.schedule = "constant"  # the same schedule for 2 and 4 steps
+        c.num_train_steps = steps
+        c.eval_every_steps = 100
+        return c
+
+    uninterrupted, _ = _run(config(4), tmp_path / "a")
+    first, _ = _run(config(2), tmp_path / "b")
+    resumed, _ = _run(config(4), tmp_path / "b")  # restores step 2, data iterator included
+
+    assert int(first.step) == 2 and int(resumed.step) == 4
+    chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(uninterrupted))
+    assert not _members_close(first.params)
+
+
+def test_missing_dataset_names_the_preparation_command(tmp_path):
+    config = tiny.get_config()
+    config.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(data.DatasetNotPreparedError) as error:
+        train.create_task(config)
+    message = str(error.value)
+    assert "tfds.data_source('cifar10', download=True" in message
+    assert "tfds build cifar10 --file_format=array_record" in message
+    assert not (tmp_path / "tfds").exists()  # nothing was downloaded
+
+
+def test_digits_are_load_digits_upscaled_to_32x32x3():
+    from sklearn.datasets import load_digits
+
+    train_source, test_source = data.digits_sources(test_fraction=0.2, seed=0)
+    assert len(train_source) + len(test_source) == 1797
+    record = train_source[0]
+    assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
+    # Find the original 8x8 image and check the 4x pixel repetition and scale.
+    digits = load_digits()
+    small = record["image"][::4, ::4, 0]
+    matches = np.flatnonzero(
+        (np.rint(digits.images * 255 / 16).astype(np.uint8) == small).all(axis=(1, 2))
+    )
+    assert matches.size >= 1 and digits.target[matches[0]] == record["label"]
+    np.testing.assert_array_equal(
+        record["image"], np.kron(small, np.ones((4, 4), np.uint8))[..., None].repeat(3, -1)
+    )
+
+
+def test_member_views_apply_each_members_policy_reproducibly():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    views = data.MemberViews(
+        [augment.member_transform(p, input_pipeline.train_base) for p in augment.POLICIES]
+    )
+    out = views.random_map({"image": image, "label": 3}, np.random.default_rng(1))
+    again = views.random_map({"image": image, "label": 3}, np.random.default_rng(1))
+    assert out["image"].shape == (3, 32, 32, 3) and out["label"] == 3
+    np.testing.assert_array_equal(out["image"], again["image"])
+    # crop_flip only moves pixels: its view is a shifted (maybe flipped) crop.
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    crops = [
+        c
+        for t in range(9)
+        for l in range(9)
+        for c in (padded[t : t + 32, l : l + 32], padded[t : t + 32, l : l + 32][:, ::-1])
+    ]
+    assert any(np.array_equal(out["image"][0], c) for c in crops)
+
+
+@pytest.mark.parametrize(
+    "op", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y", "color",
+           "contrast", "brightness", "sharpness", "posterize", "solarize", "identity"]
+)
+def test_augmentation_ops_at_zero_magnitude_are_the_identity(op):
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(augment.OPS[op](image, 0.0), image)
+
+
+def test_solarize_and_posterize_closed_forms():
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+    solarized = augment.solarize(image, 0.5)  # threshold 128
+    np.testing.assert_array_equal(solarized, np.where(image >= 128, 255 - image, image))
+    posterized = augment.posterize(image, 1.0)  # keep 4 bits
+    np.testing.assert_array_equal(posterized, image & 0xF0)
+
+
+def test_parse_method():
+    assert methods.parse_method("lookaround+ssam") == methods.Method("sgd", "lookaround", "ssam")
+    assert methods.parse_method("adamw") == methods.Method("adamw", "none", "none")
+
+
+def test_parse_method_rejects_unknown_token():
+    with pytest.raises(ValueError, match="unknown token 'swa'"):
+        methods.parse_method("lookaround+swa")
+
+
+def test_parse_method_rejects_two_averaging_methods():
+    with pytest.raises(ValueError, match="two averaging choices"):
+        methods.parse_method("lookaround+papa")
+
+
+def test_execution_depth_order_follows_the_forward_pass_not_key_order():
+    config = tiny.get_config()
+    config.model.kwargs.stage_sizes = (11,)
+    config.model.kwargs.widths = (4,)
+    from examples.cifar import models
+
+    fns = trainer.ModelFns(lambda rngs: models.create_model(config, rngs))
+    depth = trainer.execution_depth_order(fns, (32, 32, 3))
+    ranks = {
+        jax.tree_util.keystr(path): depth(path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(fns.abstract_params)[0]
+    }
+    rank = lambda prefix: min(r for p, r in ranks.items() if p.startswith(prefix))
+    assert rank("['stem']") == 0
+    assert rank("['blocks'][2]") < rank("['blocks'][10]")  # key order has 10 before 2
+    assert max(ranks.values()) == rank("['head']") + 1  # head kernel and bias are last
+    assert sorted(ranks.values()) == list(range(len(ranks)))

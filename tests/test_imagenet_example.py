@@ -1,0 +1,69 @@
+"""Tests of the ImageNet ViT trainer (examples/imagenet) on 8 fake CPU devices.
+
+One step of the tiny config (ViT of width 16, bfloat16 computation, mixup,
+AdamW members of Lookaround descending along Stable SAM gradients) on
+``tfds.testing.mock_data`` imagenet2012 records of random sizes.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the examples are not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from examples.common import augment, data  # noqa: E402
+from examples.imagenet import train  # noqa: E402
+from examples.imagenet.configs import default, tiny  # noqa: E402
+
+
+def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path):
+    config = tiny.get_config()
+    with tfds.testing.mock_data(num_examples=16):
+        state, metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 1
+    for leaf in jax.tree.leaves(state.params):
+        assert leaf.dtype == jnp.float32  # bfloat16 computation, float32 params
+        assert leaf.sharding.spec == jax.sharding.PartitionSpec("members")
+        assert leaf.sharding.mesh.shape == {"members": 2, "data": 4}
+    chex.assert_tree_all_finite(state.params)
+    assert jax.tree.leaves(state.model_state) == []  # the ViT has no BatchNorm
+    for name in ("member_0", "member_1", "ensemble", "average"):
+        assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
+        assert np.isfinite(metrics[f"eval/{name}/loss"])
+    # Step 1 of 1 is not a Lookaround sync (period 5): the members differ.
+    kernel = np.asarray(state.params["head"]["kernel"][...])
+    assert not np.allclose(kernel[0], kernel[1])
+
+
+@pytest.mark.parametrize("shape", [(10, 25, 3), (47, 17, 3), (300, 200, 3)])
+def test_imagenet_transforms_give_the_configured_size(shape):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    crop = augment.random_resized_crop_flip(image, rng, size=32)
+    center = augment.center_crop(image, size=32)
+    assert crop.shape == center.shape == (32, 32, 3)
+    assert crop.dtype == center.dtype == np.uint8
+
+
+def test_center_crop_of_an_exact_size_image_is_its_centre():
+    # Short side 37 -> round(32 / 0.875 = 36.57) = 37: no resize, the central 32x32.
+    image = np.random.default_rng(0).integers(0, 256, (37, 37, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(augment.center_crop(image, size=32), image[2:34, 2:34])
+
+
+def test_missing_imagenet_names_the_manual_preparation(tmp_path):
+    config = default.get_config()
+    config.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(data.DatasetNotPreparedError, match="--manual_dir"):
+        train.create_task(config)

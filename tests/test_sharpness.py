@@ -1,0 +1,467 @@
+"""Tests of the sharpness-aware oracle and its optax wrapper (single device).
+
+References are derived independently: the closed-form table of the SAM family
+on L = 1/2 w^T diag(1, 10) w (docs and ALGORITHMS.md), a float64 NumPy
+re-implementation for quadratics, 1-D and uniform-scale identities, the linear
+recursions of (Stable) USAM on a quadratic, and optax.contrib.sam.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_wa
+
+H = np.array([1.0, 10.0])
+W0 = np.array([1.0, 1.0])
+
+
+def quadratic(w):
+    return 0.5 * jnp.sum(jnp.asarray(H, jnp.float32) * w**2)
+
+
+def np_sam_quadratic(h, w, rho, perturbation, adaptive=False, eta=0.01, stable=False):
+    """Float64 SAM-family step on L = 1/2 sum(h w^2); returns (descent, gamma)."""
+    h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    g = h * w
+    t = np.abs(w) + eta if adaptive else np.ones_like(w)
+    norm = np.linalg.norm(t * g)
+    eps = rho * t * t * g / norm if perturbation == "sam" else rho * t * t * g
+    g_adv = h * (w + eps)
+    gamma = norm / np.linalg.norm(t * g_adv)
+    return (gamma * g_adv if stable else g_adv), gamma
+
+
+def _oracle(loss, **kw):
+    return jax.jit(optax_wa.sam_value_and_grad(loss, **kw))
+
+
+# ---------------------------------------------------------------- closed forms
+
+
+@pytest.mark.parametrize(
+    "perturbation, g_adv, gamma, ssam_step",
+    [
+        ("sam", (1.009950, 10.995037), 0.910206, (0.919263, 10.007745)),
+        ("usam", (1.1, 20.0), 0.501735, (0.551909, 10.034710)),
+    ],
+)
+def test_closed_form_table(perturbation, g_adv, gamma, ssam_step):
+    w = jnp.asarray(W0, jnp.float32)
+    _, plain, info = _oracle(quadratic, rho=0.1, perturbation=perturbation)(w)
+    (loss, aux), stable, stable_info = _oracle(
+        quadratic, rho=0.1, perturbation=perturbation, stable=True
+    )(w)
+    np.testing.assert_allclose(plain, g_adv, rtol=2e-6)
+    np.testing.assert_allclose(stable, ssam_step, rtol=2e-6)
+    np.testing.assert_allclose(info.gamma, gamma, rtol=2e-6)
+    np.testing.assert_allclose(stable_info.gamma, gamma, rtol=2e-6)
+    # The SSAM step has the norm of the clean gradient, 10.049876 = sqrt(101).
+    np.testing.assert_allclose(np.linalg.norm(stable), 10.049876, rtol=2e-6)
+    np.testing.assert_allclose(info.grad_norm, np.sqrt(101.0), rtol=1e-6)
+    np.testing.assert_allclose(loss, 5.5, rtol=1e-6)
+    assert aux is None
+
+
+@pytest.mark.parametrize("perturbation", ["sam", "usam"])
+@pytest.mark.parametrize("stable", [False, True])
+def test_asam_matches_numpy_reference(perturbation, stable):
+    w = np.array([2.0, -0.5])
+    ref, ref_gamma = np_sam_quadratic(
+        H, w, 0.1, perturbation, adaptive=True, eta=0.01, stable=stable
+    )
+    _, got, info = _oracle(
+        quadratic, rho=0.1, perturbation=perturbation, adaptive=True, stable=stable
+    )(jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(info.gamma, ref_gamma, rtol=1e-5)
+    # ASAM differs from SAM here (non-uniform |w|): the test can tell them apart.
+    sam_ref, _ = np_sam_quadratic(H, w, 0.1, perturbation, stable=stable)
+    assert not np.allclose(ref, sam_ref, rtol=1e-3)
+
+
+def test_asam_with_uniform_weights_is_sam_with_scaled_rho():
+    # |w| = 1 everywhere: T_w = 1 + eta is a scalar, so ASAM(rho) = SAM(rho (1 + eta)).
+    w = jnp.asarray(W0, jnp.float32)
+    _, asam, asam_info = _oracle(quadratic, rho=0.1, adaptive=True, adaptive_eta=0.5)(w)
+    _, sam, sam_info = _oracle(quadratic, rho=0.15)(w)
+    chex.assert_trees_all_close(asam, sam, rtol=1e-6)
+    chex.assert_trees_all_close(asam_info.gamma, sam_info.gamma, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"perturbation": "sam"},
+        {"perturbation": "usam"},
+        {"perturbation": "sam", "adaptive": True},
+    ],
+    ids=["sam", "usam", "asam"],
+)
+def test_one_dimensional_ssam_is_sgd(options):
+    # In 1-D g_adv is parallel to g, so rescaling it to |g| gives g back.
+    loss = lambda w: 0.5 * 7.0 * jnp.sum(w**2)
+    w = jnp.array([0.3])
+    _, descent, info = _oracle(loss, rho=0.2, stable=True, **options)(w)
+    np.testing.assert_allclose(descent, 7.0 * 0.3, rtol=1e-6)
+    assert float(info.gamma) < 1.0  # the perturbed gradient was larger
+
+
+def _random_tree(seed):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return {
+        "a": jax.random.normal(keys[0], (3, 4)),
+        "b": [jax.random.normal(keys[1], (5,)), jax.random.normal(keys[2], (2, 2))],
+    }
+
+
+def _nonlinear_loss(params):
+    return sum(
+        jnp.sum(jnp.sin(3.0 * x) + 0.25 * x**4 + x) for x in jax.tree.leaves(params)
+    )
+
+
+_nonlinear_grad = jax.jit(jax.grad(_nonlinear_loss))
+
+
+def _norm(tree):
+    return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("perturbation", ["sam", "usam"])
+def test_ssam_gradient_norm_equals_clean_gradient_norm(perturbation):
+    oracle = _oracle(_nonlinear_loss, rho=0.3, perturbation=perturbation, stable=True)
+    for seed in range(3):
+        params = _random_tree(seed)
+        _, descent, info = oracle(params)
+        clean_norm = _norm(_nonlinear_grad(params))
+        np.testing.assert_allclose(_norm(descent), clean_norm, rtol=1e-5)
+        np.testing.assert_allclose(info.grad_norm, clean_norm, rtol=1e-5)
+        assert abs(float(info.gamma) - 1.0) > 1e-3  # the renormalization did something
+
+
+def test_stable_asam_preserves_weighted_norm():
+    params = _random_tree(5)
+    _, descent, info = _oracle(_nonlinear_loss, rho=0.3, adaptive=True, stable=True)(
+        params
+    )
+    t = jax.tree.map(lambda w: jnp.abs(w) + 0.01, params)
+    weighted = lambda g: _norm(jax.tree.map(jnp.multiply, t, g))
+    np.testing.assert_allclose(
+        weighted(descent), weighted(_nonlinear_grad(params)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        info.grad_norm, weighted(_nonlinear_grad(params)), rtol=1e-5
+    )
+
+
+def test_non_stable_returns_adversarial_gradient_unchanged():
+    params = _random_tree(1)
+    rho = 0.3
+    (loss, _), descent, info = _oracle(_nonlinear_loss, rho=rho)(params)
+    g = _nonlinear_grad(params)
+    norm = _norm(g)
+    adv_params = jax.tree.map(lambda w, gi: w + rho * gi / norm, params, g)
+    chex.assert_trees_all_close(descent, _nonlinear_grad(adv_params), rtol=1e-5)
+    np.testing.assert_allclose(info.adv_loss, _nonlinear_loss(adv_params), rtol=1e-5)
+    np.testing.assert_allclose(loss, _nonlinear_loss(params), rtol=1e-6)
+    np.testing.assert_allclose(info.adv_grad_norm, _norm(descent), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"perturbation": "sam"},
+        {"perturbation": "usam"},
+        {"adaptive": True},
+        {"stable": True},
+        {"stable": True, "eps": 0.0},
+        {"stable": True, "adaptive": True, "eps": 0.0},
+        {"stable": True, "perturbation": "usam", "max_scale": 1.0},
+    ],
+    ids=["sam", "usam", "asam", "ssam", "ssam_eps0", "sasam_eps0", "susam_capped"],
+)
+def test_zero_gradient_gives_zeros_not_nan(options):
+    # At w = 0 both g and g_adv vanish.
+    loss = lambda p: 0.5 * sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+    params = jax.tree.map(jnp.zeros_like, _random_tree(0))
+    (value, _), descent, info = _oracle(loss, rho=0.1, **options)(params)
+    chex.assert_tree_all_finite((value, descent, info))
+    chex.assert_trees_all_equal(descent, params)
+    np.testing.assert_array_equal(info.gamma, 0.0)
+    np.testing.assert_array_equal(info.grad_norm, 0.0)
+
+
+# ---------------------------------------------------------------- stability
+
+
+def _run_quadratic(options, lr, num_steps):
+    """Trajectory of w on L = 1/2 w^T diag(1, 10) w with plain GD on the descent."""
+    oracle = optax_wa.sam_value_and_grad(quadratic, rho=0.2, **options)
+
+    def step(w, _):
+        _, d, _ = oracle(w)
+        w = w - lr * d
+        return w, w
+
+    _, ws = jax.jit(lambda w: jax.lax.scan(step, w, None, length=num_steps))(
+        jnp.asarray(W0, jnp.float32)
+    )
+    return np.asarray(ws)
+
+
+def test_usam_diverges_and_stable_usam_is_bounded_on_quadratic():
+    # lambda_max = 10, rho = 0.2: USAM is stable below 2 / (10 (1 + 2)) = 0.0667.
+    # USAM is linear: w <- (I - lr (H + rho H^2)) w, so the stiff coordinate is
+    # multiplied by 1 - 0.07 * 30 = -1.1 per step, exactly.
+    usam = _run_quadratic({"perturbation": "usam"}, lr=0.07, num_steps=60)
+    np.testing.assert_allclose(usam[:, 1], (-1.1) ** np.arange(1, 61), rtol=1e-4)
+    assert np.linalg.norm(usam[-1]) > 300.0
+    # Stable USAM keeps the gradient-descent limit 2 / lambda_max = 0.2.
+    stable = _run_quadratic(
+        {"perturbation": "usam", "stable": True}, lr=0.19, num_steps=400
+    )
+    norms = np.linalg.norm(stable, axis=1)
+    assert np.all(np.isfinite(norms))
+    assert norms.max() <= np.linalg.norm(W0)
+    assert norms[-1] < 1e-3
+    # ... and no further: above 2 / lambda_max it diverges as gradient descent does.
+    beyond = _run_quadratic(
+        {"perturbation": "usam", "stable": True}, lr=0.21, num_steps=400
+    )
+    assert np.linalg.norm(beyond[-1]) > 10.0
+
+
+# ---------------------------------------------------------------- optax parity
+
+
+def test_one_step_parity_with_optax_contrib_sam_opaque():
+    rho, lr = 0.05, 0.1
+    ours = optax_wa.sharpness_aware(optax.sgd(lr, momentum=0.9), rho=rho)
+    # optax: one normalized ascent step (sync_period=2) by sgd(rho), whose update
+    # -rho * g / |g| is negated into the ascent; normalize() has no eps.
+    theirs = optax.contrib.sam(
+        optax.sgd(lr, momentum=0.9),
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+    grad = _nonlinear_grad
+    ours_update = jax.jit(lambda g, s, p: ours.update(g, s, p, grad_fn=grad))
+    theirs_update = jax.jit(
+        lambda g, s, p: theirs.update(g, s, p, grad_fn=lambda q, _: grad(q))
+    )
+    p_ours = p_theirs = _random_tree(3)
+    s_ours, s_theirs = ours.init(p_ours), theirs.init(p_theirs)
+    for _ in range(3):
+        u_ours, s_ours = ours_update(grad(p_ours), s_ours, p_ours)
+        u_theirs, s_theirs = theirs_update(grad(p_theirs), s_theirs, p_theirs)
+        chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-5, atol=1e-6)
+        p_ours = optax.apply_updates(p_ours, u_ours)
+        p_theirs = optax.apply_updates(p_theirs, u_theirs)
+    chex.assert_trees_all_close(p_ours, p_theirs, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+def test_bf16_params_use_float32_norms():
+    values = np.array([1.0, 2.0, 3.0, 5.0, 7.0, 11.0], np.float32)
+    params = {"w": jnp.asarray(values, jnp.bfloat16)}  # exactly representable
+    loss = lambda p: 0.5 * jnp.sum(p["w"].astype(jnp.float32) ** 2)
+    (_, _), descent, info = _oracle(loss, rho=0.1, stable=True)(params)
+    assert descent["w"].dtype == jnp.bfloat16
+    for field in (info.gamma, info.grad_norm, info.adv_grad_norm, info.adv_loss):
+        assert field.dtype == jnp.float32
+    # sqrt(209) = 14.4568...; bfloat16 would round it to 14.4375.
+    np.testing.assert_allclose(info.grad_norm, np.sqrt(209.0), rtol=1e-6)
+    # The perturbed params are w + rho w/|w| rounded to bf16, then g_adv = that.
+    adv = jnp.asarray(values + 0.1 * values / np.sqrt(209.0), jnp.bfloat16)
+    adv = np.asarray(adv, np.float32)
+    np.testing.assert_allclose(info.adv_grad_norm, np.linalg.norm(adv), rtol=1e-6)
+    expected = np.sqrt(209.0) / np.linalg.norm(adv) * adv
+    np.testing.assert_allclose(
+        np.asarray(descent["w"], np.float32), expected, rtol=8e-3
+    )
+
+
+# ---------------------------------------------------------------- the wrapper
+
+
+def test_wrapper_equals_oracle_then_inner():
+    inner = optax.sgd(0.1, momentum=0.9)
+    opt = optax_wa.ssam(inner, rho=0.2, perturbation="usam")
+    oracle = optax_wa.sam_value_and_grad(
+        _nonlinear_loss, rho=0.2, perturbation="usam", stable=True
+    )
+    grad = _nonlinear_grad
+    params = ref_params = _random_tree(4)
+    state, ref_state = opt.init(params), inner.init(ref_params)
+    for _ in range(3):
+        updates, state = opt.update(grad(params), state, params, grad_fn=grad)
+        _, descent, info = oracle(ref_params)
+        ref_updates, ref_state = inner.update(descent, ref_state, ref_params)
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.info.gamma, info.gamma, rtol=1e-5)
+        assert state.info.adv_loss is None
+        params = optax.apply_updates(params, updates)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+    assert int(state.count) == 3
+
+
+def test_wrapper_has_aux_discards_perturbed_aux():
+    grad = _nonlinear_grad
+    params = _random_tree(2)
+    plain = optax_wa.sharpness_aware(optax.sgd(0.1), rho=0.1)
+    with_aux = optax_wa.sharpness_aware(optax.sgd(0.1), rho=0.1, has_aux=True)
+    ref, _ = plain.update(grad(params), plain.init(params), params, grad_fn=grad)
+    got, _ = with_aux.update(
+        grad(params),
+        with_aux.init(params),
+        params,
+        grad_fn=lambda p: (grad(p), {"x": 1.0}),
+    )
+    chex.assert_trees_all_equal(ref, got)
+
+
+def test_wrapper_rho_schedule_is_evaluated_at_the_count():
+    schedule = optax.linear_schedule(0.1, 0.3, transition_steps=1)
+    opt = optax_wa.sharpness_aware(optax.sgd(1.0), rho=schedule)
+    w = jnp.asarray(W0, jnp.float32)
+    state = opt.init(w)
+    for rho in (0.1, 0.3):
+        updates, state = opt.update(
+            jax.grad(quadratic)(w), state, w, grad_fn=jax.grad(quadratic)
+        )
+        ref, _ = np_sam_quadratic(H, W0, rho, "sam")
+        np.testing.assert_allclose(-updates, ref, rtol=1e-5)
+
+
+def test_max_scale_caps_gamma():
+    # L = -cos(w): at w = 2 the ascent to 2 + rho lowers |sin|, so gamma > 1.
+    loss = lambda w: -jnp.sum(jnp.cos(w))
+    w = jnp.array([2.0])
+    gamma = np.sin(2.0) / np.sin(2.1)
+    _, free, free_info = _oracle(loss, rho=0.1, stable=True)(w)
+    _, capped, capped_info = _oracle(loss, rho=0.1, stable=True, max_scale=1.0)(w)
+    np.testing.assert_allclose(free_info.gamma, gamma, rtol=1e-5)
+    np.testing.assert_allclose(free, np.sin(2.0), rtol=1e-5)
+    np.testing.assert_allclose(capped_info.gamma, 1.0)
+    np.testing.assert_allclose(capped, np.sin(2.1), rtol=1e-5)
+
+
+def test_adaptive_mask_gives_unit_scale_to_unselected_leaves():
+    params = {"w": jnp.array([2.0, -0.5]), "b": jnp.array([0.25])}
+    loss = lambda p: (
+        0.5 * jnp.sum(jnp.array([1.0, 10.0]) * p["w"] ** 2) + 2.0 * jnp.sum(p["b"] ** 2)
+    )
+    rho, eta = 0.1, 0.01
+    # NumPy reference: T_w = |w| + eta for "w", T = 1 for "b".
+    w, b = np.array([2.0, -0.5]), np.array([0.25])
+    gw, gb = np.array([1.0, 10.0]) * w, 4.0 * b
+    tw = np.abs(w) + eta
+    norm = np.sqrt(np.sum((tw * gw) ** 2) + np.sum(gb**2))
+    adv_w, adv_b = w + rho * tw**2 * gw / norm, b + rho * gb / norm
+    expected = {"w": np.array([1.0, 10.0]) * adv_w, "b": 4.0 * adv_b}
+    for mask in (
+        {"w": True, "b": False},
+        lambda p: jax.tree.map(lambda x: x.size > 1, p),
+    ):
+        _, got, _ = _oracle(loss, rho=rho, adaptive=True, adaptive_mask=mask)(params)
+        chex.assert_trees_all_close(got, expected, rtol=1e-5)
+    # Default: every leaf adaptive, which is a different number for "b".
+    _, all_adaptive, _ = _oracle(loss, rho=rho, adaptive=True)(params)
+    _, all_true, _ = _oracle(
+        loss, rho=rho, adaptive=True, adaptive_mask={"w": True, "b": True}
+    )(params)
+    chex.assert_trees_all_close(all_adaptive, all_true, rtol=1e-6)
+    assert not np.allclose(all_adaptive["b"], expected["b"], rtol=1e-3)
+
+
+def test_same_args_reach_both_passes():
+    # A loss with a batch and an RNG key: both passes see the same ones.
+    def loss(w, batch, key):
+        noise = jax.random.normal(key, batch.shape)
+        return jnp.mean((batch + noise) * w**2)
+
+    batch, key = jnp.arange(4.0), jax.random.key(7)
+    w = jnp.array([0.5, -1.0, 2.0, 0.1])
+    _, got, _ = _oracle(loss, rho=0.1)(w, batch, key)
+    g = jax.grad(loss)(w, batch, key)
+    adv = w + 0.1 * g / jnp.linalg.norm(g)
+    chex.assert_trees_all_close(got, jax.grad(loss)(adv, batch, key), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_update_without_grad_fn_raises():
+    opt = optax_wa.ssam(optax.sgd(0.1))
+    params = jnp.ones(2)
+    with pytest.raises(ValueError, match="grad_fn"):
+        opt.update(params, opt.init(params), params)
+
+
+def test_update_without_params_raises():
+    opt = optax_wa.ssam(optax.sgd(0.1))
+    params = jnp.ones(2)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(params, opt.init(params), None, grad_fn=jax.grad(jnp.sum))
+
+
+def test_negative_rho_raises():
+    with pytest.raises(ValueError, match="rho"):
+        optax_wa.sharpness_aware(optax.sgd(0.1), rho=-0.1)
+
+
+def test_schedule_rho_in_oracle_raises():
+    with pytest.raises(ValueError, match="rho"):
+        optax_wa.sam_value_and_grad(jnp.sum, rho=optax.constant_schedule(0.1))
+
+
+def test_unknown_perturbation_raises():
+    with pytest.raises(ValueError, match="perturbation"):
+        optax_wa.sam_value_and_grad(jnp.sum, perturbation="asam")
+
+
+def test_negative_adaptive_eta_raises():
+    with pytest.raises(ValueError, match="adaptive_eta"):
+        optax_wa.sam_value_and_grad(jnp.sum, adaptive=True, adaptive_eta=-1.0)
+
+
+def test_adaptive_mask_without_adaptive_raises():
+    with pytest.raises(ValueError, match="adaptive_mask"):
+        optax_wa.sam_value_and_grad(jnp.sum, adaptive_mask={"w": True})
+
+
+def test_adaptive_mask_with_wrong_structure_raises():
+    oracle = optax_wa.sam_value_and_grad(
+        lambda p: jnp.sum(p["w"]), adaptive=True, adaptive_mask={"v": True}
+    )
+    with pytest.raises(ValueError, match="adaptive_mask"):
+        oracle({"w": jnp.ones(2)})
+
+
+def test_nonpositive_max_scale_raises():
+    with pytest.raises(ValueError, match="max_scale"):
+        optax_wa.ssam(optax.sgd(0.1), max_scale=0.0)
+
+
+def test_negative_eps_raises():
+    with pytest.raises(ValueError, match="eps"):
+        optax_wa.sam_value_and_grad(jnp.sum, eps=-1e-12)
+
+
+def test_sync_ascent_without_axis_name_raises():
+    with pytest.raises(ValueError, match="axis_name"):
+        optax_wa.sharpness_aware(optax.sgd(0.1), sync_ascent=True)
+
+
+def test_ssam_with_stable_keyword_raises():
+    with pytest.raises(ValueError, match="stable"):
+        optax_wa.ssam(optax.sgd(0.1), stable=False)

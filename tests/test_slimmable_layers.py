@@ -1,0 +1,350 @@
+"""Slimmable layers and models: sub-networks equal standalone networks."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from optax_wa import slimmable as sl
+
+WIDTHS = (1.0, 0.5)
+
+
+def _rngs(seed=0):
+    # The "rbg" generator compiles much faster than threefry on XLA CPU, which
+    # matters for the many small parameter shapes built here.
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _is_var(x):
+    return isinstance(x, nnx.Variable)
+
+
+def _randomize(model, seed):
+    """Random params and random (valid) running statistics, in place."""
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [jnp.asarray(0.5 * rng.normal(size=x.shape), x.dtype) for x in leaves]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    stats = nnx.state(model, nnx.BatchStat)
+    leaves, treedef = jax.tree.flatten(stats)
+    leaves = [jnp.asarray(rng.uniform(0.5, 1.5, size=x.shape), x.dtype) for x in leaves]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return model
+
+
+def _copy_sub_network(wide, narrow, index):
+    """Loads into ``narrow`` (trained only at width 1) the width-``index`` weights of ``wide``.
+
+    Shared weights are prefix slices; the per-width variables of switchable
+    layers (``norms``/``heads`` lists) come from entry ``index``.
+    """
+
+    def copy(w, n):
+        if isinstance(n, dict):
+            out = {}
+            for key, sub in n.items():
+                if key in ("norms", "heads"):
+                    out[key] = {0: copy(w[key][index], sub[0])}
+                else:
+                    out[key] = copy(w[key], sub)
+            return out
+        return jnp.asarray(np.asarray(w)[tuple(slice(0, s) for s in np.shape(n))])
+
+    state = nnx.state(narrow)
+    pure = copy(nnx.state(wide).to_pure_dict(), state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(narrow, state)
+
+
+def test_slim_size_is_floor_of_scaled_channels():
+    assert [sl.slim_size(64, w) for w in (1.0, 0.75, 0.5, 0.25)] == [64, 48, 32, 16]
+    assert sl.slim_size(10, 0.7) == 7  # 10 * 0.7 = 7.000000000000001
+    assert sl.slim_size(10, 0.29) == 2
+
+
+@pytest.mark.parametrize("width", [0.0, 1.5, -0.5, True])
+def test_slim_size_rejects_width_outside_unit_interval(width):
+    with pytest.raises(ValueError, match="width"):
+        sl.slim_size(8, width)
+
+
+def test_slim_size_rejects_empty_prefix():
+    with pytest.raises(ValueError, match="keeps no channel"):
+        sl.slim_size(3, 0.25)
+
+
+def test_switchable_layers_reject_duplicate_widths():
+    with pytest.raises(ValueError, match="distinct"):
+        sl.SwitchableBatchNorm(4, (1.0, 1.0), rngs=_rngs(0))
+
+
+def test_slimmable_linear_rejects_wrong_input_size():
+    layer = sl.SlimmableLinear(8, 4, rngs=_rngs(0))
+    with pytest.raises(ValueError, match="expects 4 input features"):
+        layer(jnp.ones((2, 8)), width=0.5)
+
+
+def test_switchable_batch_norm_rejects_untrained_width():
+    bn = sl.SwitchableBatchNorm(8, WIDTHS, rngs=_rngs(0))
+    with pytest.raises(ValueError, match="calibrate_batch_norm"):
+        bn(jnp.ones((2, 6)), width=0.75)
+
+
+def test_cnn1d_sub_network_equals_plain_flax_network():
+    """Width 0.5 == nnx.Conv/BatchNorm/Linear built from the sliced weights.
+
+    The stem reads both input channels at every width and the projection
+    output (3) is shared; the plain network is built with Flax's own layers.
+    """
+    w, in_ch, channels, proj = 0.5, 2, (6, 8), 3
+    model = sl.SlimmableCNN1D(
+        in_ch, channels, WIDTHS, kernel_size=3, projection_dim=proj, rngs=_rngs(0)
+    )
+    _randomize(model, 1)
+    c1, c2 = (sl.slim_size(c, w) for c in channels)
+    rngs = _rngs(5)
+    convs = [
+        nnx.Conv(in_ch, c1, (3,), strides=1, padding="SAME", use_bias=False, rngs=rngs),
+        nnx.Conv(c1, c2, (3,), strides=2, padding="SAME", use_bias=False, rngs=rngs),
+    ]
+    norms = [nnx.BatchNorm(c, momentum=0.9, rngs=rngs) for c in (c1, c2)]
+    fc1, fc2 = nnx.Linear(c2, c2, rngs=rngs), nnx.Linear(c2, proj, rngs=rngs)
+    sizes = [(in_ch, c1), (c1, c2)]
+    for block, conv, norm, (ni, no) in zip(model.blocks, convs, norms, sizes):
+        conv.kernel[...] = block.conv.kernel[:, :ni, :no]
+        src = block.norm.norms[1]
+        for name in ("scale", "bias", "mean", "var"):
+            getattr(norm, name)[...] = getattr(src, name)[...]
+    fc1.kernel[...] = model.head.fc1.kernel[:c2, :c2]
+    fc1.bias[...] = model.head.fc1.bias[:c2]
+    fc2.kernel[...] = model.head.fc2.kernel[:c2, :]
+    fc2.bias[...] = model.head.fc2.bias[...]
+
+    def plain(x, use_running_average):
+        for conv, norm in zip(convs, norms):
+            x = jax.nn.relu(norm(conv(x), use_running_average=use_running_average))
+        h = x.mean(axis=1)
+        return h, fc2(jax.nn.relu(fc1(h)))
+
+    x = _normal(2, (5, 12, in_ch))
+    want_h, want = plain(x, True)
+    got_h = model.features(x, width=w, use_running_average=True)
+    chex.assert_trees_all_close(got_h, want_h, atol=1e-5, rtol=1e-5)
+    for ura in (True, False):
+        want = plain(x, ura)[1]
+        got = model(x, width=w, use_running_average=ura)
+        chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.shape == (5, proj)
+    # The train-mode calls updated the running statistics in the same way.
+    for block, norm in zip(model.blocks, norms):
+        chex.assert_trees_all_close(block.norm.norms[1].mean[...], norm.mean[...], atol=1e-6)
+        chex.assert_trees_all_close(block.norm.norms[1].var[...], norm.var[...], atol=1e-6)
+
+
+def test_attention_sub_network_equals_flax_multi_head_attention():
+    embed, heads, head_dim, w = 8, 4, 3, 0.5
+    h = sl.slim_size(heads, w)
+    attn = sl.SlimmableAttention(embed, heads, head_dim=head_dim, rngs=_rngs(0))
+    _randomize(attn, 3)
+    ref = nnx.MultiHeadAttention(
+        h, embed, qkv_features=h * head_dim, out_features=embed, decode=False,
+        rngs=_rngs(1),
+    )
+    for name in ("query", "key", "value"):
+        getattr(ref, name).kernel[...] = getattr(attn, name)[:, :h]
+        getattr(ref, name).bias[...] = getattr(attn, name + "_bias")[:h]
+    ref.out.kernel[...] = attn.out[:h]
+    ref.out.bias[...] = attn.out_bias[...]
+    x = _normal(4, (2, 5, embed))
+    chex.assert_trees_all_close(attn(x, width=w), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def _mlp(widths, scale=1.0):
+    return sl.SlimmableMLP(
+        5, (int(8 * scale), int(6 * scale)), widths, projection_dim=3,
+        head_hidden=int(6 * scale), rngs=_rngs(0),
+    )
+
+
+def _cifar_resnet(widths, scale=1.0):
+    return sl.SlimmableResNet(
+        (1, 1), widths, num_filters=int(8 * scale), projection_dim=3,
+        head_batch_norm=True, rngs=_rngs(0),
+    )
+
+
+def _imagenet_resnet(widths, scale=1.0):
+    return sl.SlimmableResNet(
+        (1, 1), widths, block="bottleneck", stem="imagenet", num_filters=int(4 * scale),
+        projection_dim=3, rngs=_rngs(0),
+    )
+
+
+def _vit(widths, scale=1.0):
+    return sl.SlimmableViT(
+        8, 4, 8, 2, int(4 * scale), int(16 * scale), widths, head_dim=2,
+        projection_dim=3, head_hidden=int(8 * scale), rngs=_rngs(0),
+    )
+
+
+MODELS = {
+    "mlp": (_mlp, (6, 5)),
+    "resnet_cifar": (_cifar_resnet, (4, 8, 8, 3)),
+    "resnet50_shape": (_imagenet_resnet, (4, 16, 16, 3)),
+    "vit": (_vit, (3, 8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sub_network_equals_narrow_network_with_sliced_weights(name):
+    """Width 0.5 of the wide model == the half-size model loaded with the sliced weights."""
+    build, shape = MODELS[name]
+    wide = _randomize(build(WIDTHS), 7)
+    narrow = build((1.0,), scale=0.5)
+    _copy_sub_network(wide, narrow, index=1)
+    x = _normal(8, shape)
+
+    @nnx.jit(static_argnums=2)
+    def outputs(model, x, width):
+        # Eval mode (running statistics), features, then train mode (batch statistics).
+        return (
+            model(x, width=width, use_running_average=True),
+            model.features(x, width=width, use_running_average=True),
+            model(x, width=width, use_running_average=False),
+        )
+
+    got, want = outputs(wide, x, 0.5), outputs(narrow, x, 1.0)
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+    assert got[0].shape[-1] == 3  # the shared projection output
+
+
+def test_width_loss_gradient_is_zero_outside_its_prefix_block():
+    w = 0.5
+    model = _randomize(_cifar_resnet(WIDTHS), 11)
+    probe = sl.SwitchableLinear(model.num_features, 4, WIDTHS, rngs=_rngs(1))
+    graphdef, params, rest = nnx.split((model, probe), nnx.Param, ...)
+    x = _normal(12, (4, 8, 8, 3))
+
+    def loss(params, rest):
+        m, p = nnx.merge(graphdef, params, rest, copy=True)
+        return jnp.sum(m(x, width=w) ** 2) + jnp.sum(p(m.features(x, width=w), width=w) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params, rest)
+    variables = nnx.state((model, probe), nnx.Param)
+    checked = 0
+    for var, g in zip(
+        jax.tree.leaves(variables, is_leaf=_is_var), jax.tree.leaves(grads), strict=True
+    ):
+        meta = var.get_metadata()
+        g = np.asarray(g)
+        if "switch_width" in meta:
+            if meta["switch_width"] != w:
+                np.testing.assert_array_equal(g, 0.0)
+            else:
+                assert np.any(g != 0)
+            continue
+        block = tuple(
+            slice(0, sl.slim_size(n, w)) if a in meta.get("slim_axes", ()) else slice(None)
+            for a, n in enumerate(g.shape)
+        )
+        inside = np.zeros(g.shape, bool)
+        inside[block] = True
+        np.testing.assert_array_equal(g[~inside], 0.0)
+        assert np.any(g[inside] != 0), var
+        checked += 1
+    assert checked == 9  # stem, 5 block convs, head fc1 kernel, fc2 kernel and bias
+
+
+def test_train_call_changes_only_that_widths_statistics():
+    widths = (1.0, 0.75, 0.5, 0.25)
+    model = sl.SlimmableCNN1D(1, (8, 8), widths, projection_dim=4, rngs=_rngs(0))
+    x = _normal(0, (6, 20))
+    for w in widths:
+        before = nnx.clone(nnx.state(model, nnx.BatchStat))
+        model(x, width=w, use_running_average=False)
+        after = nnx.state(model, nnx.BatchStat)
+        for layer_before, layer_after in zip(
+            (b["norm"]["norms"] for b in before["blocks"].values()),
+            (b["norm"]["norms"] for b in after["blocks"].values()),
+        ):
+            for i, v in enumerate(widths):
+                for stat in ("mean", "var"):
+                    old = np.asarray(layer_before[i][stat][...])
+                    new = np.asarray(layer_after[i][stat][...])
+                    if v == w:
+                        assert np.any(old != new)
+                    else:
+                        np.testing.assert_array_equal(old, new)
+    # An eval-mode call changes nothing.
+    before = nnx.clone(nnx.state(model, nnx.BatchStat))
+    model(x, width=0.5, use_running_average=True)
+    chex.assert_trees_all_equal(before, nnx.state(model, nnx.BatchStat))
+
+
+def test_all_widths_variables_exist_after_init():
+    widths = (1.0, 0.75, 0.5, 0.25)
+    model = sl.SlimmableCNN1D(1, (16, 32), widths, projection_dim=4, rngs=_rngs(0))
+    for block, channels in zip(model.blocks, (16, 32)):
+        assert block.norm.widths == widths
+        for norm, w in zip(block.norm.norms, widths):
+            n = sl.slim_size(channels, w)
+            for name in ("scale", "bias", "mean", "var"):
+                assert getattr(norm, name)[...].shape == (n,)
+            assert norm.scale.get_metadata()["switch_width"] == w
+    probe = sl.SwitchableLinear(32, 10, widths, rngs=_rngs(0))
+    assert [h.kernel[...].shape for h in probe.heads] == [(32, 10), (24, 10), (16, 10), (8, 10)]
+
+
+def test_resnet50_has_torchvision_parameter_count():
+    """Full-width weights + BN affine of ResNet-50 without fc: 23,508,032 (torchvision)."""
+    model = nnx.eval_shape(
+        lambda: sl.slimmable_resnet50((1.0, 0.5), projection_dim=None, rngs=_rngs(0))
+    )
+    full = 0
+    for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=_is_var):
+        if var.get_metadata().get("switch_width", 1.0) == 1.0:
+            full += math.prod(var.shape)
+    assert full == 23_508_032
+    assert model.num_features == 2048 and model.feature_dim(0.5) == 1024
+
+
+def test_calibrate_batch_norm_sets_population_statistics_for_new_width():
+    model = _randomize(sl.SlimmableMLP(4, (8,), WIDTHS, projection_dim=None, rngs=_rngs(0)), 3)
+    old_stats = nnx.clone(nnx.state(model, nnx.BatchStat))
+    old_params = nnx.clone(nnx.state(model, nnx.Param))
+    data = [_normal(i, (n, 4)) for i, n in enumerate((16, 8, 24))]
+    sl.calibrate_batch_norm(model, 0.75, data)
+    norm_layer = model.blocks[0].norm
+    assert norm_layer.widths == (1.0, 0.5, 0.75)
+    new = norm_layer.norm(0.75)
+    # Population moments of the layer's input over all 48 rows.
+    kernel = np.asarray(model.blocks[0].linear.kernel[...])[:, :6]
+    h = np.concatenate([np.asarray(x) for x in data]) @ kernel
+    np.testing.assert_allclose(new.mean[...], h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var[...], h.var(0), rtol=1e-4, atol=1e-5)
+    # Affine parameters: the prefix of the narrowest wider trained width (1.0).
+    np.testing.assert_array_equal(new.scale[...], norm_layer.norms[0].scale[:6])
+    np.testing.assert_array_equal(new.bias[...], norm_layer.norms[0].bias[:6])
+    # Nothing else moved.
+    for i in range(2):
+        chex.assert_trees_all_equal(
+            nnx.state(norm_layer.norms[i], nnx.BatchStat),
+            old_stats["blocks"][0]["norm"]["norms"][i],
+        )
+    chex.assert_trees_all_equal(
+        nnx.state(model.blocks[0].linear, nnx.Param), old_params["blocks"][0]["linear"]
+    )
+    # The calibrated width runs in eval mode.
+    assert model(data[0], width=0.75, use_running_average=True).shape == (16, 6)
