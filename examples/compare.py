@@ -83,7 +83,29 @@ METHODS: dict[str, Method] = {
         "PAPA, alpha 0.99 every 10 steps",
         lambda inner, cfg: optax_wa.papa(inner, alpha=0.99, period=10),
     ),
+    "sam": Method(
+        "independent members, SAM gradients (rho 0.05)",
+        lambda inner, cfg: members.per_member(inner),
+        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=False),
+    ),
+    "ssam": Method(
+        "independent members, Stable SAM gradients (rho 0.05)",
+        lambda inner, cfg: members.per_member(inner),
+        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=True),
+    ),
+    "lookaround+ssam": Method(
+        "Lookaround whose members descend with Stable SAM gradients",
+        lambda inner, cfg: optax_wa.lookaround(inner, sync_period=5),
+        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=True),
+        same_init=True,
+    ),
 }
+
+
+def _sam_grad(loss_fn, cfg: Config, stable: bool):
+    """One member's SAM / Stable SAM descent gradient on its own batch."""
+    oracle = optax_wa.sam_value_and_grad(loss_fn, rho=cfg.rho, stable=stable)
+    return lambda params, x, y: oracle(params, x, y)[1]
 
 
 def inner_optimizer(cfg: Config) -> optax.GradientTransformation:
