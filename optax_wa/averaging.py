@@ -84,19 +84,15 @@ def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
     return jax.tree.map(lambda new, old: new if _inexact(old) else old, fresh, inner_state)
 
 
-def _mean_after_step_when(
-    is_due, per_member, updates, inner_state, params, inner_updates, extra_args,
-    axis_name, *, always=False,
-):
+def _mean_after_step_when(is_due, params, inner_updates, axis_name, *, always=False):
     """Member mean of ``params + inner_updates`` (reduced), computed only when due.
 
     Under ``lax.cond`` the mean (``1/M`` of the ensemble's values in stacked
-    mode) is the only output, and the caller selects with ``jnp.where``, so
-    an off-sync step stays one fused pass with the caller's
-    ``apply_updates``. Without extra args the inner update is recomputed
-    inside the branch from its inputs, so the off-sync path never has to
-    materialize it; with extra args (e.g. a gradient oracle, which may be
-    expensive) the computed updates are passed in instead.
+    mode) is the only output, returned as one flat buffer so that the
+    skipped branch is a single fill; the caller selects with ``jnp.where``,
+    which fuses into its ``apply_updates``. The branch reads the inner
+    updates (an intermediate), never the donated inner state, which would
+    make XLA copy the state on every step.
     """
 
     def mean_of(u):
@@ -110,21 +106,27 @@ def _mean_after_step_when(
 
     if always:
         return mean_of(inner_updates)
-    if extra_args:
-        branch, operands = mean_of, inner_updates
-    else:
+    shapes = jax.eval_shape(mean_of, inner_updates)
+    leaves, treedef = jax.tree.flatten(shapes)
+    dtype = jnp.result_type(*[x.dtype for x in leaves])
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    offsets = np.cumsum([0] + sizes)
 
-        def branch(ops):
-            grads, state = ops
-            return mean_of(per_member.update(grads, state, params)[0])
+    def branch(u):
+        return jnp.concatenate(
+            [x.astype(dtype).reshape(-1) for x in jax.tree.leaves(mean_of(u))]
+        )
 
-        operands = (updates, inner_state)
-    shapes = jax.eval_shape(branch, operands)
+    def skip(u):
+        return jnp.zeros((int(offsets[-1]),), dtype)
 
-    def skip(ops):
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-    return jax.lax.cond(is_due, branch, skip, operands)
+    flat = jax.lax.cond(is_due, branch, skip, inner_updates)
+    return treedef.unflatten(
+        [
+            flat[offsets[i] : offsets[i + 1]].reshape(x.shape).astype(x.dtype)
+            for i, x in enumerate(leaves)
+        ]
+    )
 
 
 def lookaround(
@@ -207,8 +209,7 @@ def lookaround(
         count = optax.safe_increment(state.count)
         is_sync = count % sync_period == 0
         mean = _mean_after_step_when(
-            is_sync, per_member, updates, state.inner_state, params, inner_updates,
-            extra_args, axis_name, always=sync_period == 1,
+            is_sync, params, inner_updates, axis_name, always=sync_period == 1
         )
         new_updates = jax.tree.map(
             lambda a, p, u: jnp.where(
@@ -306,8 +307,7 @@ def papa(
         count = optax.safe_increment(state.count)
         is_pull = count % period == 0
         mean = _mean_after_step_when(
-            is_pull, per_member, updates, state.inner_state, params, inner_updates,
-            extra_args, axis_name, always=period == 1,
+            is_pull, params, inner_updates, axis_name, always=period == 1
         )
 
         def combine(a, p, u):
