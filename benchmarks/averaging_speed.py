@@ -2,16 +2,16 @@
 
 Prints, side by side in one process:
 
-* update ratio: the wrapper's update (plus ``apply_updates``) over one full
-  period (off-sync steps and the sync step) divided by the vmapped inner
-  optimizer's, on a stacked tree with ResNet-20's parameter shapes
+* update ratio: the wrapper's update (plus ``apply_updates``, jitted with
+  donation) over windows of 10 updates, which hold whole sync periods
+  (lookaround: 5, papa: 10), divided by the vmapped inner optimizer's, on a stacked tree with ResNet-20's parameter shapes
   (0.27M values per member, 4 members);
 * full train-step ratio: the same with a ResNet-20-shaped forward and
   backward pass (CIFAR input, 32x32x3) in the step.
 
 Runs interleave the methods and report the median of repeated timings::
 
-    python benchmarks/averaging_speed.py [--members 4] [--batch 32] [--repeats 15]
+    python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -140,11 +140,13 @@ def compare(opts, inputs, make_step, params0, period, repeats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=32, help="images per member")
+    parser.add_argument("--batch", type=int, default=8, help="images per member")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--period", type=int, default=10, help="sync/pull period")
+    parser.add_argument("--train-repeats", type=int, default=3)
     args = parser.parse_args()
-    m, k = args.members, args.period
+    # Default periods: lookaround syncs every 5 updates, papa pulls every 10;
+    # timing windows of 10 updates hold whole periods of both.
+    m, k = args.members, 10
 
     shapes = resnet20_shapes()
     params = members.init_members(lambda key: init_params(key, shapes), jax.random.key(0), m)
@@ -152,8 +154,8 @@ def main():
     inner = optax.sgd(0.1, momentum=0.9)
     opts = {
         "inner (vmapped sgd+momentum)": members.per_member(inner),
-        f"lookaround (k={k})": optax_wa.lookaround(inner, sync_period=k),
-        f"papa (period={k})": optax_wa.papa(inner, alpha=0.99, period=k),
+        "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
+        "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
     }
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"{m} members x {size:,} values (ResNet-20 shapes)")
@@ -165,10 +167,10 @@ def main():
         jax.random.normal(key, (m, args.batch, 32, 32, 3)),
         jax.random.randint(key, (m, args.batch), 0, 10),
     )
-    train = compare(opts, batch, make_train_step, params, k, max(3, args.repeats // 3))
+    train = compare(opts, batch, make_train_step, params, k, args.train_repeats)
 
     base = "inner (vmapped sgd+momentum)"
-    print(f"\n| method | update ms/step | update ratio | train step ms | train-step ratio |")
+    print("\n| method | update ms/step | update ratio | train step ms | train-step ratio |")
     print("|---|---|---|---|---|")
     for name in opts:
         print(f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[base]:.3f} | "
