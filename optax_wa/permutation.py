@@ -535,13 +535,12 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
 
     The pairs are stacked on a leading axis so that each (group, leaf) costs
     one matrix product; leaves whose only group is ``g`` contribute a
-    constant to ``g``'s scores, computed once.
+    constant to ``g``'s scores, computed once. Without ``init_perms`` the
+    descent runs from two starts, the identity and a warm start, and keeps
+    the higher objective.
     """
-    if init_perms is None:
-        perms = {g: np.arange(n) for g, n in sizes.items()}
-    else:
+    if init_perms is not None:
         _check_perms(spec, init_perms, sizes)
-        perms = {g: np.asarray(init_perms[g]).astype(np.int64) for g in sizes}
     leaves = list(np_pairs[0][0])
     a_stack = {leaf: np.stack([a[leaf] for a, _ in np_pairs]) for leaf in leaves}
     b_stack = {leaf: np.stack([b[leaf] for _, b in np_pairs]) for leaf in leaves}
@@ -562,46 +561,65 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
             else:
                 varying[g].append((leaf, axis + 1))
 
-    def objective():
+    def objective(perms):
         return float(
             sum(
-                np.vdot(a_stack[leaf], _permute_view(b_stack[leaf], stacked_groups[leaf], perms, take=np.take))
+                np.vdot(
+                    a_stack[leaf],
+                    _permute_view(b_stack[leaf], stacked_groups[leaf], perms, take=np.take),
+                )
                 for leaf in leaves
             )
         )
 
-    names = list(sizes)
-    rng = np.random.default_rng(seed)
-    objectives = [objective()]
-    sweeps = 0
-    for _ in range(max_sweeps):
-        sweeps += 1
-        improved = False
-        for gi in rng.permutation(len(names)):
-            g = names[gi]
-            n = sizes[g]
-            scores = constant[g].copy()
-            for leaf, axis in varying[g]:
-                wb = _permute_view(
-                    b_stack[leaf], stacked_groups[leaf], perms, except_axis=axis, take=np.take
-                )
-                scores += rows(a_stack[leaf], axis, n) @ rows(wb, axis, n).T
-            index = np.arange(n)
-            new = _assign(scores, solver)
-            old_value = scores[index, perms[g]].sum()
-            new_value = scores[index, new].sum()
-            # Accept strict improvements only: the objective never decreases.
-            if new_value > old_value + 1e-12 * max(abs(old_value), abs(new_value)):
-                perms[g] = new
-                improved = True
-        objectives.append(objective())
-        if not improved:
-            break
-    return MatchResult(
-        perms={g: jnp.asarray(p, jnp.int32) for g, p in perms.items()},
-        objectives=objectives,
-        num_sweeps=sweeps,
-    )
+    def descend(perms):
+        perms = dict(perms)
+        names = list(sizes)
+        rng = np.random.default_rng(seed)
+        objectives = [objective(perms)]
+        sweeps = 0
+        for _ in range(max_sweeps):
+            sweeps += 1
+            improved = False
+            for gi in rng.permutation(len(names)):
+                g = names[gi]
+                n = sizes[g]
+                scores = constant[g].copy()
+                for leaf, axis in varying[g]:
+                    wb = _permute_view(
+                        b_stack[leaf], stacked_groups[leaf], perms, except_axis=axis, take=np.take
+                    )
+                    scores += rows(a_stack[leaf], axis, n) @ rows(wb, axis, n).T
+                index = np.arange(n)
+                new = _assign(scores, solver)
+                old_value = scores[index, perms[g]].sum()
+                new_value = scores[index, new].sum()
+                # Accept strict improvements only: the objective never decreases.
+                if new_value > old_value + 1e-12 * max(abs(old_value), abs(new_value)):
+                    perms[g] = new
+                    improved = True
+            objectives.append(objective(perms))
+            if not improved:
+                break
+        return MatchResult(perms, objectives, sweeps)
+
+    if init_perms is not None:
+        result = descend({g: np.asarray(init_perms[g]).astype(np.int64) for g in sizes})
+    else:
+        # Warm start: each group's assignment from the leaves it alone permutes
+        # (biases, first-layer columns, last-layer rows), which do not depend
+        # on the other groups; identity for a group without any.
+        warm = {
+            g: _assign(constant[g], solver) if np.any(constant[g]) else np.arange(n)
+            for g, n in sizes.items()
+        }
+        identity = {g: np.arange(n) for g, n in sizes.items()}
+        result = descend(warm)
+        if any(not np.array_equal(warm[g], identity[g]) for g in sizes):
+            other = descend(identity)
+            if other.objectives[-1] > result.objectives[-1]:
+                result = other
+    return result._replace(perms={g: jnp.asarray(p, jnp.int32) for g, p in result.perms.items()})
 
 
 def gradient_matching(
@@ -628,6 +646,12 @@ def gradient_matching(
     stops after a sweep without improvement or ``max_sweeps`` sweeps.
     Computed in float64 on the host.
 
+    Without ``init_perms`` the descent runs twice, from the identity and from
+    a warm start (each group assigned on the leaves that no other group
+    permutes: biases, first-layer columns, last-layer rows), and keeps the
+    run with the higher objective. The warm start finds a planted
+    permutation at once when those leaves separate the units.
+
     With gradient pairs ``(grad_target, grad_source)`` this is the matching
     step of learning transfer; with one pair of weights it is weight matching.
 
@@ -638,7 +662,8 @@ def gradient_matching(
         ``"optax"`` (``optax.assignment.hungarian_algorithm``, float32).
       max_sweeps: maximum number of sweeps over the groups, >= 1.
       seed: seed of the random group order.
-      init_perms: starting permutation (default: identity).
+      init_perms: starting permutation (default: the better of the identity
+        and the warm start, see above).
 
     Returns:
       A :class:`MatchResult`.
@@ -693,7 +718,8 @@ def weight_matching(
       solver: ``"scipy"`` or ``"optax"``.
       max_sweeps: maximum number of sweeps, >= 1.
       seed: seed of the random group order.
-      init_perms: starting permutation (default: identity).
+      init_perms: starting permutation (default: both starts of
+        :func:`gradient_matching`).
 
     Returns:
       A :class:`MatchResult`.

@@ -25,6 +25,8 @@ uniforms), never truncated. The common case is one round.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -33,15 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.extend.random import threefry_2x32
 
 from optax_wa import members
 
 PyTree = Any
 
 _LAYER_PROBS = ("linear", "constant")
-_MAX_LEAF_SIZE = 2**30
-_LEHMER_MAX = 8  # 8! / 2**32 < 1e-5
+_MAX_LEAF_SIZE = 2**29
+_TABLE_MAX = 8  # 8! / 2**32 < 1e-5
 
 
 class WashState(NamedTuple):
@@ -268,75 +269,107 @@ class _Job(NamedTuple):
     bases: tuple[int | None, ...]  # read-only base per array (value = base + carry)
 
 
-def _draw_round(keypair, starts, jobs, num_members):
-    """Gaps and permutations of every tensor's items of one round, at once.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
-    Tensor ``j`` reads items ``starts[j] .. starts[j] + slots`` (one more than
-    its slots: the last only tells whether items remain). Item ``t`` of the
-    tensor with ``leaf_id`` hashes the counter ``(t, leaf_id * W + w)`` with
-    Threefry-2x32 under the step's key pair, so its draws do not depend on the
-    round that reads them: a round that stops early is continued with the
-    very same draws.
 
-    Returns ``(pos, valid, perms)`` over the concatenated items: the selected
-    positions (``last + cumulative gaps``), whether each is inside its tensor
-    (a prefix of every segment), and the ``(N, M)`` permutations.
+def _threefry2x32(key0, key1, x0, x1):
+    """Threefry-2x32 (20 rounds), written out so XLA fuses it into one loop.
+
+    Bit-identical to ``jax.extend.random.threefry_2x32``, whose CPU lowering
+    is a rolled loop about four times slower on the item counts used here.
     """
-    counts = [job.slots + 1 for job in jobs]
-    seg = np.repeat(np.arange(len(jobs)), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    local = np.arange(seg.size) - first[seg]
-    width = 1 if num_members <= _LEHMER_MAX else (num_members + 2) // 2
-    leaf_ids = np.array([job.leaf_id for job in jobs], np.uint32)
-    lanes = (leaf_ids[seg][:, None] * width + np.arange(width, dtype=np.uint32)).astype(
-        np.uint32
-    )
-    items = (starts[seg] + jnp.asarray(local, jnp.int32)).astype(jnp.uint32)
-    counter = jnp.stack([jnp.broadcast_to(items[:, None], lanes.shape), jnp.asarray(lanes)])
-    words = threefry_2x32(keypair, counter)
-    words = jnp.moveaxis(words, 0, -1).reshape(seg.size, 2 * width)
+    keys = (key0, key1, key0 ^ key1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for block in range(5):
+        for r in _ROTATIONS[block % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
+            x1 = x0 ^ x1
+        x0 = x0 + keys[(block + 1) % 3]
+        x1 = x1 + keys[(block + 2) % 3] + jnp.uint32(block + 1)
+    return x0, x1
 
-    probs = np.array([job.prob for job in jobs])[seg]
-    sizes = np.array([job.size for job in jobs], np.int32)[seg]
-    log_keep = np.where(probs < 1.0, np.log1p(-np.where(probs < 1.0, probs, 0.0)), -1.0)
-    mantissa = (words[:, 0] >> 9) | jnp.uint32(0x3F800000)
-    uniform = 2.0 - jax.lax.bitcast_convert_type(mantissa, jnp.float32)  # (0, 1]
-    skips = jnp.floor(jnp.log(uniform) / jnp.asarray(log_keep, jnp.float32))
-    skips = jnp.where(jnp.asarray(probs >= 1.0), 0.0, skips)
-    gaps = jnp.minimum(skips, jnp.asarray(sizes, jnp.float32)).astype(jnp.int32) + 1
 
-    def segment_cumsum(x):  # int32 wraps; only values inside a tensor matter
-        total = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(x)])
-        return total[1:] - total[jnp.asarray(first)][seg]
-
-    return gaps, segment_cumsum, sizes, seg, first, words[:, 1:]
+def _cumsum(x, block: int = 64):
+    """Inclusive cumulative sum of a 1-D array, in blocks (faster on XLA CPU)."""
+    n = x.shape[0]
+    rows = jnp.cumsum(jnp.pad(x, (0, (-n) % block)).reshape(-1, block), axis=1)
+    totals = rows[:, -1]
+    offsets = jnp.cumsum(totals) - totals
+    return (rows + offsets[:, None]).reshape(-1)[:n]
 
 
 def _permutations(words, num_members):
     """Uniform random permutations of ``num_members``, one per row of words.
 
-    Up to ``_LEHMER_MAX`` members, one 32-bit word ``u`` per row: its mixed-radix
-    digits ``u mod M, (u div M) mod (M - 1), ...`` drive a Fisher-Yates
-    shuffle; ``u`` uniform on ``[0, 2**32)`` makes the permutation uniform up
-    to a total-variation error below ``M! / 2**32`` (``1e-5`` at 8 members).
-    Above, ``M`` words per row: the ranks of i.i.d. words (ties, of
-    probability below ``M**2 / 2**33``, go to the lower index).
+    Up to ``_TABLE_MAX`` members, one 32-bit word ``u`` per row picks row
+    ``u mod M!`` of the table of all permutations: uniform up to a
+    total-variation error below ``M! / 2**32`` (``1e-5`` at 8 members).
+    Above, ``M`` words per row and their ranks (ties, of probability below
+    ``M**2 / 2**33``, go to the lower index).
     """
-    rows = words.shape[0]
-    lanes = jnp.arange(num_members, dtype=jnp.int32)
-    if num_members > _LEHMER_MAX:
-        keys = words[:, :num_members]
+    if num_members > _TABLE_MAX:
+        keys = jnp.stack(words[:num_members], axis=1)
         return jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1).astype(jnp.int32)
-    code = words[:, 0]
-    perm = jnp.broadcast_to(lanes, (rows, num_members))
-    for i in range(num_members - 1, 0, -1):
-        digit = (code % jnp.uint32(i + 1)).astype(jnp.int32)
-        code = code // jnp.uint32(i + 1)
-        at_digit = lanes[None, :] == digit[:, None]
-        moved = jnp.sum(jnp.where(at_digit, perm, 0), axis=1)  # perm[digit]
-        perm = jnp.where(at_digit, perm[:, i : i + 1], perm)  # perm[digit] = perm[i]
-        perm = perm.at[:, i].set(moved)
-    return perm
+    table = _permutation_table(num_members)
+    row = (words[0] % jnp.uint32(table.shape[0])).astype(jnp.int32)
+    return jnp.asarray(table)[row].astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _permutation_table(num_members: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(num_members))), np.int8)
+
+
+class _Round(NamedTuple):
+    """The items of one round, every tensor's segment concatenated."""
+
+    pos: jax.Array  # (N,) selected positions, last + cumulative gaps
+    num_valid: jax.Array  # (J,) items inside their tensor, a prefix of each segment
+    perms: jax.Array  # (N, M) permutations
+
+
+def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
+    """Gaps, positions and permutations of every tensor's items of one round.
+
+    Tensor ``j`` reads items ``starts[j] .. starts[j] + slots`` (one more than
+    its slots: the last only tells whether items remain). Item ``t`` of the
+    tensor with ``leaf_id`` hashes the counter ``(t, leaf_id * W + w)`` with
+    Threefry-2x32 under the step's key pair, so its draws do not depend on
+    the round that reads them: a round that stops early is continued with
+    the very same draws.
+    """
+    seg, first, local = layout
+    width = 1 if num_members <= _TABLE_MAX else (num_members + 2) // 2
+    leaf_ids = np.array([job.leaf_id for job in jobs], np.uint32)[seg]
+    items = (starts[seg] + jnp.asarray(local, jnp.int32)).astype(jnp.uint32)
+    words = []
+    for lane in range(width):  # 2 words per lane: the gap, then permutation words
+        words.extend(
+            _threefry2x32(keypair[0], keypair[1], items, leaf_ids * np.uint32(width) + lane)
+        )
+    words = jax.lax.optimization_barrier(words)  # computed once, read twice
+
+    probs = np.array([job.prob for job in jobs])[seg]
+    sizes = np.array([job.size for job in jobs], np.int32)
+    log_keep = np.log1p(-np.where(probs < 1.0, probs, 0.0))
+    log_keep = np.where(probs < 1.0, log_keep, -1.0).astype(np.float32)
+    mantissa = (words[0] >> 9) | jnp.uint32(0x3F800000)
+    uniform = 2.0 - jax.lax.bitcast_convert_type(mantissa, jnp.float32)  # (0, 1]
+    skips = jnp.where(probs >= 1.0, 0.0, jnp.floor(jnp.log(uniform) / log_keep))
+    gaps = jnp.minimum(skips, sizes[seg].astype(np.float32)).astype(jnp.int32) + 1
+
+    # Positions wrap around int32 only after the first one past the tensor
+    # (gaps are at most size + 1 and size < 2**29): the valid items are the
+    # segment's items before its first position >= size.
+    total = _cumsum(gaps)
+    before = jnp.concatenate([jnp.zeros((1,), jnp.int32), total])[first]
+    pos = lasts[seg] + total - before[seg]
+    outside = jnp.where(pos >= sizes[seg], local, np.iinfo(np.int32).max)
+    num_valid = jax.ops.segment_min(
+        outside, jnp.asarray(seg), num_segments=len(jobs), indices_are_sorted=True
+    )
+    return _Round(pos, num_valid, _permutations(words[1:], num_members))
 
 
 def _take(x, idx, stacked):
@@ -348,28 +381,13 @@ def _put(x, idx, v, stacked):
     return x.at[:, idx].set(v, **kwargs) if stacked else x.at[idx].set(v, **kwargs)
 
 
-def _read(carry, base, idx, stacked):
-    value = _take(carry, idx, stacked)
-    if base is None:
-        return value, None
-    old = _take(base, idx, stacked)
-    return (old + value).astype(base.dtype), old
-
-
-def _write(new, old, carry_dtype):
-    if old is None:
-        return new
-    acc = jnp.promote_types(old.dtype, jnp.float32)
-    return (new.astype(acc) - old.astype(acc)).astype(carry_dtype)
-
-
 def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
     """Runs the rounds; returns the carried arrays with the shuffle applied.
 
     ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
-    mode and ``(d,)`` in named mode. A job's value is ``base + carry`` where
-    it has a base (the new parameters, written back as an update) and the
-    carry itself otherwise.
+    mode and ``(d,)`` in named mode. An array with a base holds an update:
+    its value is ``base + array`` (the new parameter) and it is written back
+    as ``shuffled - base``; an array without one is shuffled as is.
     """
     stacked = axis_name is None
     jobs = [job for job in jobs if job.prob > 0.0]
@@ -377,76 +395,81 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
         return arrays
     keypair = jax.random.bits(key, (2,), jnp.uint32)
     slots = np.array([job.slots for job in jobs])
-    ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])  # offsets among items
+    counts = slots + 1
+    seg = np.repeat(np.arange(len(jobs)), counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    local = np.arange(seg.size) - first[seg]
+    exchanged = np.flatnonzero(local < slots[seg])  # the items that may move
+    ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])
     expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
     capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
     item_axis = 1 if stacked else 0
 
+    def value_of(arrays, a, b, idx):
+        value = _take(arrays[a], idx, stacked)
+        if b is None:
+            return value
+        return (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
+
     def one_round(carry):
         arrays, starts, lasts, _ = carry
         arrays = list(arrays)
-        gaps, segment_cumsum, sizes, seg, first, words = _draw_round(
-            keypair, starts, jobs, num_members
-        )
-        pos = lasts[seg] + segment_cumsum(gaps)
-        valid = segment_cumsum((pos >= jnp.asarray(sizes)).astype(jnp.int32)) == 0
-        exchanged = np.concatenate([first[j] + np.arange(n) for j, n in enumerate(slots)])
-        perms = _permutations(words[exchanged], num_members)
+        drawn = _draw_round(keypair, starts, lasts, jobs, num_members, (seg, first, local))
+        num_valid = jnp.minimum(drawn.num_valid, jnp.asarray(counts, jnp.int32))
+        valid = jnp.asarray(local, jnp.int32) < num_valid[seg]
 
-        columns, olds = {}, []
+        # Gather the selected values, one block per dtype, items concatenated.
+        columns: dict[str, list[list]] = {}
         for j, job in enumerate(jobs):
-            span = pos[first[j] : first[j] + job.slots]
-            idx = jnp.clip(span, 0, job.size - 1)
-            job_olds = []
+            idx = jnp.clip(drawn.pos[first[j] : first[j] + job.slots], 0, job.size - 1)
             for a, b in zip(job.arrays, job.bases):
-                value, old = _read(arrays[a], None if b is None else bases[b], idx, stacked)
-                columns.setdefault(jnp.dtype(value.dtype).name, {}).setdefault(j, []).append(
-                    value
-                )
-                job_olds.append(old)
-            olds.append(job_olds)
-
-        # One exchange per dtype, every tensor's items concatenated.
+                value = value_of(arrays, a, b, idx)
+                per_job = columns.setdefault(value.dtype.name, [[] for _ in jobs])
+                per_job[j].append(value)
         values = {}
         for name, per_job in columns.items():
-            width = max(len(cols) for cols in per_job.values())
+            width = max(len(cols) for cols in per_job)
             blocks = []
-            for j, job in enumerate(jobs):
-                cols = list(per_job.get(j, []))
+            for job, cols in zip(jobs, per_job):
                 shape = (num_members, job.slots) if stacked else (job.slots,)
-                cols += [jnp.zeros(shape, name)] * (width - len(cols))
+                cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
                 blocks.append(jnp.stack(cols, axis=-1))
             values[name] = jnp.concatenate(blocks, axis=item_axis)
         new_values, num_done = members.permute_members(
             values,
-            perms,
+            drawn.perms[exchanged],
             axis_name=axis_name,
             valid=valid[exchanged],
             capacity=capacity,
         )
 
-        in_slots = jnp.asarray(np.arange(seg.size) - first[seg] < slots[seg])
-        num_valid = jax.ops.segment_sum(
-            (valid & in_slots).astype(jnp.int32), jnp.asarray(seg), num_segments=len(jobs)
+        # Write back the items that moved; the rest wait for the next round.
+        done = jnp.clip(
+            num_done - jnp.asarray(ex_first, jnp.int32),
+            0,
+            jnp.minimum(num_valid, jnp.asarray(slots, jnp.int32)),
         )
-        done = jnp.clip(num_done - jnp.asarray(ex_first, jnp.int32), 0, num_valid)
         for j, job in enumerate(jobs):
             slot = jnp.arange(job.slots, dtype=jnp.int32)
-            span = pos[first[j] : first[j] + job.slots]
+            span = drawn.pos[first[j] : first[j] + job.slots]
             idx = jnp.where(slot < done[j], span, job.size + slot)
-            counters = {}
-            for a, old in zip(job.arrays, olds[j]):
-                name = jnp.dtype(old.dtype if old is not None else arrays[a].dtype).name
-                column = counters.get(name, 0)
-                counters[name] = column + 1
+            read = jnp.clip(span, 0, job.size - 1)
+            seen: dict[str, int] = {}
+            for a, b in zip(job.arrays, job.bases):
+                name = (arrays[a] if b is None else bases[b]).dtype.name
+                column, seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
                 block = jax.lax.slice_in_dim(
                     new_values[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
                 )
-                new = _write(block[..., column], old, arrays[a].dtype)
-                arrays[a] = _put(arrays[a], idx, new, stacked)
+                new = block[..., column]
+                if b is not None:
+                    old = _take(bases[b], read, stacked)
+                    acc = jnp.promote_types(old.dtype, jnp.float32)
+                    new = new.astype(acc) - old.astype(acc)
+                arrays[a] = _put(arrays[a], idx, new.astype(arrays[a].dtype), stacked)
         first_j = jnp.asarray(first, jnp.int32)
         more = jnp.any(valid[first_j + done])
-        last_done = pos[first_j + jnp.maximum(done - 1, 0)]
+        last_done = drawn.pos[first_j + jnp.maximum(done - 1, 0)]
         lasts = jnp.where(done > 0, last_done, lasts)
         return tuple(arrays), starts + done, lasts, more
 
@@ -460,7 +483,7 @@ def _leaf_size(leaf, stacked) -> int:
     shape = np.shape(leaf)[1:] if stacked else np.shape(leaf)
     size = int(np.prod(shape, dtype=np.int64))
     if size >= _MAX_LEAF_SIZE:
-        raise ValueError(f"wash: tensors above 2**30 values per member are not supported ({shape}).")
+        raise ValueError(f"wash: tensors above 2**29 values per member are not supported ({shape}).")
     return size
 
 

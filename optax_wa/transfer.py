@@ -360,7 +360,7 @@ def transfer_trajectory(
             grad_calls += 2
             return _perm._to_numpy_pairs(spec, [(g2, g1)])[0][0]
 
-        perms = identity
+        perms = None  # the first matching warm-starts (see gradient_matching)
         all_perms = [identity]
         params = [target_init]
         cache = []
@@ -369,7 +369,8 @@ def transfer_trajectory(
                 cache.append(grad_pair(params[t - 1], t - 1))
                 pairs = cache
             else:
-                pairs = [grad_pair(transfer(s, perms), s) for s in range(t)]
+                current = identity if perms is None else perms
+                pairs = [grad_pair(transfer(s, current), s) for s in range(t)]
             result = _perm._coordinate_descent(
                 spec, pairs, sizes, perms, solver=solver, max_sweeps=max_sweeps, seed=seed + t
             )

@@ -68,7 +68,8 @@ def _run(config, workdir):
 def _members_close(tree) -> bool:
     """Whether member 0 and member 1 agree (to float32 rounding of ``p + (a - p)``)."""
     return all(
-        np.allclose(x[0], x[1], rtol=1e-6, atol=1e-7) for x in jax.tree.leaves(jax.device_get(tree))
+        np.allclose(x[0], x[1], rtol=1e-6, atol=1e-7)
+        for x in jax.tree.leaves(jax.device_get(tree))
     )
 
 
@@ -97,10 +98,14 @@ def test_method_trains_two_steps_with_sharded_members(method, tmp_path):
         # so every member and the logit ensemble score the same.
         assert _members_close(state.params)
         assert _members_close(state.model_state)
-        assert metrics["eval/member_0/loss"] == pytest.approx(metrics["eval/ensemble/loss"])
+        assert metrics["eval/member_0/loss"] == pytest.approx(
+            metrics["eval/ensemble/loss"]
+        )
     elif parsed.averaging == "lookahead":
         # optax.lookahead resets the fast weights to the slow ones at step 2.
-        chex.assert_trees_all_close(state.params.fast, state.params.slow, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(
+            state.params.fast, state.params.slow, rtol=1e-6, atol=1e-7
+        )
     else:
         assert not _members_close(state.params)  # independent (or shuffled) members
 
@@ -121,7 +126,9 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
 
     uninterrupted, _ = _run(config(4), tmp_path / "a")
     first, _ = _run(config(2), tmp_path / "b")
-    resumed, _ = _run(config(4), tmp_path / "b")  # restores step 2, data iterator included
+    resumed, _ = _run(
+        config(4), tmp_path / "b"
+    )  # restores step 2, data iterator included
 
     assert int(first.step) == 2 and int(resumed.step) == 4
     chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(uninterrupted))
@@ -154,14 +161,16 @@ def test_digits_are_load_digits_upscaled_to_32x32x3():
     )
     assert matches.size >= 1 and digits.target[matches[0]] == record["label"]
     np.testing.assert_array_equal(
-        record["image"], np.kron(small, np.ones((4, 4), np.uint8))[..., None].repeat(3, -1)
+        record["image"],
+        np.kron(small, np.ones((4, 4), np.uint8))[..., None].repeat(3, -1),
     )
 
 
 def test_member_views_apply_each_members_policy_reproducibly():
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    base = input_pipeline.train_base(tiny.get_config())
     views = data.MemberViews(
-        [augment.member_transform(p, input_pipeline.train_base) for p in augment.POLICIES]
+        [augment.member_transform(p, base) for p in augment.POLICIES]
     )
     out = views.random_map({"image": image, "label": 3}, np.random.default_rng(1))
     again = views.random_map({"image": image, "label": 3}, np.random.default_rng(1))
@@ -173,14 +182,30 @@ def test_member_views_apply_each_members_policy_reproducibly():
         c
         for t in range(9)
         for l in range(9)
-        for c in (padded[t : t + 32, l : l + 32], padded[t : t + 32, l : l + 32][:, ::-1])
+        for c in (
+            padded[t : t + 32, l : l + 32],
+            padded[t : t + 32, l : l + 32][:, ::-1],
+        )
     ]
     assert any(np.array_equal(out["image"][0], c) for c in crops)
 
 
 @pytest.mark.parametrize(
-    "op", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y", "color",
-           "contrast", "brightness", "sharpness", "posterize", "solarize", "identity"]
+    "op",
+    [
+        "rotate",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
+        "color",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "posterize",
+        "solarize",
+        "identity",
+    ],
 )
 def test_augmentation_ops_at_zero_magnitude_are_the_identity(op):
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -196,7 +221,9 @@ def test_solarize_and_posterize_closed_forms():
 
 
 def test_parse_method():
-    assert methods.parse_method("lookaround+ssam") == methods.Method("sgd", "lookaround", "ssam")
+    assert methods.parse_method("lookaround+ssam") == methods.Method(
+        "sgd", "lookaround", "ssam"
+    )
     assert methods.parse_method("adamw") == methods.Method("adamw", "none", "none")
 
 
@@ -227,3 +254,57 @@ def test_execution_depth_order_follows_the_forward_pass_not_key_order():
     assert rank("['blocks'][2]") < rank("['blocks'][10]")  # key order has 10 before 2
     assert max(ranks.values()) == rank("['head']") + 1  # head kernel and bias are last
     assert sorted(ranks.values()) == list(range(len(ranks)))
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract(config, name):
+    """Abstract params and logits of one architecture (tracing only, no compile)."""
+    from examples.cifar import models
+
+    config.model.name = name
+    config.model.kwargs = {}
+    fns = trainer.ModelFns(lambda rngs: models.create_model(config, rngs))
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
+    logits = jax.eval_shape(
+        lambda p, s, x: fns.apply(p, s, x, train=True)[0],
+        fns.abstract_params,
+        fns.abstract_state,
+        images,
+    )
+    return fns.abstract_params, logits
+
+
+def test_cifar_resnet18_has_the_standard_parameter_count():
+    # The CIFAR ResNet-18 (3x3 stem, projection shortcuts, BatchNorm scale and
+    # bias, 10 classes) has 11,173,962 parameters.
+    params, logits = _abstract(tiny.get_config(), "resnet18")
+    assert _count(params) == 11_173_962
+    assert logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn16_8"])
+def test_cifar_resnets_map_images_to_logits(name):
+    _, logits = _abstract(tiny.get_config(), name)
+    assert logits.shape == (2, 10) and logits.dtype == np.float32
+
+
+def test_cifar_vit_parameter_count_matches_its_closed_form():
+    d, depth, mlp, patch, classes = 256, 6, 512, 4, 10
+    tokens = (32 // patch) ** 2
+    block = (
+        2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d)
+    )
+    expected = (
+        (3 * patch * patch * d + d)
+        + tokens * d
+        + depth * block
+        + 2 * d
+        + d * classes
+        + classes
+    )
+    params, logits = _abstract(tiny.get_config(), "vit")
+    assert _count(params) == expected
+    assert logits.shape == (2, 10)

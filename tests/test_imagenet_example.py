@@ -59,7 +59,9 @@ def test_imagenet_transforms_give_the_configured_size(shape):
 def test_center_crop_of_an_exact_size_image_is_its_centre():
     # Short side 37 -> round(32 / 0.875 = 36.57) = 37: no resize, the central 32x32.
     image = np.random.default_rng(0).integers(0, 256, (37, 37, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(augment.center_crop(image, size=32), image[2:34, 2:34])
+    np.testing.assert_array_equal(
+        augment.center_crop(image, size=32), image[2:34, 2:34]
+    )
 
 
 def test_missing_imagenet_names_the_manual_preparation(tmp_path):

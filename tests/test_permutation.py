@@ -72,7 +72,7 @@ class ResNet(nnx.Module):
         self.bn = nnx.BatchNorm(8, rngs=rngs)
         self.stages = nnx.List(
             [
-                nnx.List([Block(8, 8, 1, rngs=rngs), Block(8, 8, 1, rngs=rngs)]),
+                nnx.List([Block(8, 8, 1, rngs=rngs)]),
                 nnx.List([Block(8, 16, 2, rngs=rngs), Block(16, 16, 1, rngs=rngs)]),
             ]
         )
@@ -157,6 +157,7 @@ def full_state(model):
 
 
 def with_state(model, pure):
+    """A copy of ``model`` holding the Param/BatchStat values of ``pure``."""
     clone = nnx.clone(model)
     state = nnx.state(clone, nnx.Any(nnx.Param, nnx.BatchStat))
     nnx.replace_by_pure_dict(state, pure)
@@ -164,19 +165,41 @@ def with_state(model, pure):
     return clone
 
 
-def randomize_batch_stats(model, key):
-    """Random running statistics, so eval mode depends on their permutation."""
-    stats = nnx.state(model, nnx.BatchStat)
-    leaves, treedef = jax.tree.flatten(stats)
-    keys = jax.random.split(key, len(leaves))
-    new = [jnp.abs(jax.random.normal(k, x.shape)) + 0.5 for k, x in zip(keys, leaves)]
-    nnx.update(model, jax.tree.unflatten(treedef, new))
+def build(make, seed):
+    """``make()`` with random params and running statistics drawn by NumPy.
+
+    Eager NNX initialisation compiles every initializer op per shape (seconds
+    on CPU); an abstract model filled from NumPy costs nothing. Statistics are
+    random so that eval mode depends on their permutation.
+    """
+    model = nnx.eval_shape(make)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape) // x.shape[-1])
+        elif name == "var":
+            value = np.abs(rng.normal(size=x.shape)) + 0.5
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.normal(size=x.shape)
+        else:  # bias, mean
+            value = 0.1 * rng.normal(size=x.shape)
+        return jnp.asarray(value, x.dtype)
+
+    return with_state(model, jax.tree_util.tree_map_with_path(fill, full_state(model)))
 
 
 def assert_moved(tree_a, tree_b):
     """The permutation really changed the tree (else equality is trivial)."""
     diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))]
     assert max(diffs) > 1e-3
+
+
+@nnx.jit
+def call(model, x):
+    """One compiled forward pass (cheaper than op-by-op eager dispatch)."""
+    return model(x)
 
 
 def check_same_function(model, spec, x, key, *, train=False):
@@ -191,8 +214,33 @@ def check_same_function(model, spec, x, key, *, train=False):
     else:
         model.eval()
         other.eval()
-    chex.assert_trees_all_close(other(x), model(x), atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(call(other, x), call(model, x), atol=2e-5, rtol=2e-5)
     return model, other, perms
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return build(lambda: MLP([5, 16, 12, 3], rngs=nnx.Rngs(0)), seed=0)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return build(lambda: CNN(rngs=nnx.Rngs(0)), seed=1)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return build(lambda: ResNet(rngs=nnx.Rngs(0)), seed=2)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return build(lambda: ViT(rngs=nnx.Rngs(0)), seed=3)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return build(lambda: FusedBlock(rngs=nnx.Rngs(0)), seed=4)
 
 
 # --------------------------------------------------------------------------
@@ -200,8 +248,8 @@ def check_same_function(model, spec, x, key, *, train=False):
 # --------------------------------------------------------------------------
 
 
-def test_mlp_spec_groups_and_same_function():
-    model = MLP([5, 16, 12, 3], rngs=nnx.Rngs(0))
+def test_mlp_spec_groups_and_same_function(mlp):
+    model = mlp
     spec = perm.mlp_spec(model)
     assert spec.leaf_axes["layers/0/kernel"] == (None, "layers/0")
     assert spec.leaf_axes["layers/1/kernel"] == ("layers/0", "layers/1")
@@ -211,9 +259,9 @@ def test_mlp_spec_groups_and_same_function():
     check_same_function(model, spec, x, jax.random.key(2))
 
 
-def test_mlp_spec_negative_control():
+def test_mlp_spec_negative_control(mlp):
     """Leaving one leaf unpermuted breaks the function: the check can fail."""
-    model = MLP([5, 16, 3], rngs=nnx.Rngs(0))
+    model = mlp
     spec = perm.mlp_spec(model)
     broken = PermutationSpec({**spec.leaf_axes, "layers/1/kernel": (None, None)})
     state = full_state(model)
@@ -224,9 +272,8 @@ def test_mlp_spec_negative_control():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_conv_spec_with_batchnorm(train):
-    model = CNN(rngs=nnx.Rngs(0))
-    randomize_batch_stats(model, jax.random.key(5))
+def test_conv_spec_with_batchnorm(cnn, train):
+    model = cnn
     spec = perm.conv_spec(model, layers=CNN_LAYERS)
     assert spec.leaf_axes["conv2/kernel"] == (None, None, "conv1", "conv2")
     assert spec.leaf_axes["bn1/mean"] == ("conv1",)
@@ -236,14 +283,13 @@ def test_conv_spec_with_batchnorm(train):
     check_same_function(model, spec, x, jax.random.key(2), train=train)
 
 
-def test_resnet_spec_shares_one_group_per_stage():
-    model = ResNet(rngs=nnx.Rngs(0))
-    spec = resnet_spec_of(model)
+def test_resnet_spec_shares_one_group_per_stage(resnet):
+    spec = resnet_spec_of(resnet)
     axes = spec.leaf_axes
     # Stem and every identity block of stage 0 write the same stream group.
     assert axes["conv/kernel"][-1] == "residual/0"
     assert axes["stages/0/0/conv2/kernel"][-2:] == ("stages/0/0/conv1", "residual/0")
-    assert axes["stages/0/1/conv1/kernel"][-2:] == ("residual/0", "stages/0/1/conv1")
+    assert axes["stages/0/0/conv1/kernel"][-2:] == ("residual/0", "stages/0/0/conv1")
     # The projection block starts stage 1's stream; the next block shares it.
     assert axes["stages/1/0/shortcut_conv/kernel"][-2:] == ("residual/0", "residual/1")
     assert axes["stages/1/0/conv2/kernel"][-1] == "residual/1"
@@ -254,9 +300,8 @@ def test_resnet_spec_shares_one_group_per_stage():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_resnet_same_function_incl_batch_stats(train):
-    model = ResNet(rngs=nnx.Rngs(0))
-    randomize_batch_stats(model, jax.random.key(7))
+def test_resnet_same_function_incl_batch_stats(resnet, train):
+    model = resnet
     spec = resnet_spec_of(model)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     model, other, perms = check_same_function(model, spec, x, jax.random.key(2), train=train)
@@ -271,8 +316,8 @@ def test_resnet_same_function_incl_batch_stats(train):
 
 
 @pytest.mark.parametrize("permute_head_dims", [False, True])
-def test_vit_block_spec_same_function(permute_head_dims):
-    model = ViT(rngs=nnx.Rngs(0))
+def test_vit_block_spec_same_function(vit, permute_head_dims):
+    model = vit
     spec = perm.vit_block_spec(model, blocks="blocks", permute_head_dims=permute_head_dims)
     axes = spec.leaf_axes
     heads = "blocks/0/attention/heads"
@@ -291,8 +336,8 @@ def test_vit_block_spec_same_function(permute_head_dims):
 
 
 @pytest.mark.parametrize("permute_head_dims", [False, True])
-def test_vit_block_spec_fused_qkv_same_function(permute_head_dims):
-    model = FusedBlock(rngs=nnx.Rngs(0))
+def test_vit_block_spec_fused_qkv_same_function(fused, permute_head_dims):
+    model = fused
     spec = perm.vit_block_spec(model, permute_head_dims=permute_head_dims)
     dims = "attention/head_dims" if permute_head_dims else None
     qkv = perm.SubAxes((3, 4, 4), (None, "attention/heads", dims))
@@ -321,8 +366,8 @@ def test_sub_axes_closed_form():
         perm.validate(spec, {"w": jnp.zeros(5)})
 
 
-def test_builders_accept_state_and_pure_dict():
-    model = CNN(rngs=nnx.Rngs(0))
+def test_builders_accept_state_and_pure_dict(cnn):
+    model = cnn
     from_model = perm.conv_spec(model, layers=CNN_LAYERS)
     from_state = perm.conv_spec(
         nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)), layers=CNN_LAYERS
@@ -335,8 +380,8 @@ def test_builders_accept_state_and_pure_dict():
     assert sizes == {"conv1": 8, "conv2": 12}
 
 
-def test_spec_is_static_under_jit():
-    model = MLP([4, 8, 2], rngs=nnx.Rngs(0))
+def test_spec_is_static_under_jit(mlp):
+    model = mlp
     spec = perm.mlp_spec(model)
     state = full_state(model)
     perms = perm.random_permutation(jax.random.key(0), spec, state)
@@ -349,8 +394,8 @@ def test_spec_is_static_under_jit():
 # --------------------------------------------------------------------------
 
 
-def test_invert_and_compose():
-    model = MLP([5, 16, 12, 3], rngs=nnx.Rngs(0))
+def test_invert_and_compose(mlp):
+    model = mlp
     spec = perm.mlp_spec(model)
     state = full_state(model)
     p = perm.random_permutation(jax.random.key(1), spec, state)
@@ -383,12 +428,24 @@ def test_apply_permutation_closed_form():
 # --------------------------------------------------------------------------
 
 
+def random_mlp_params(sizes, seed):
+    """A pure-dict MLP with Gaussian kernels and biases (no NNX initialisation)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layers": {
+            i: {
+                "kernel": jnp.asarray(rng.normal(size=(a, b)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+            }
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+        }
+    }
+
+
 @pytest.fixture(scope="module")
 def deep_mlp():
-    model = MLP([10, 24, 20, 16, 4], rngs=nnx.Rngs(0))
-    spec = perm.mlp_spec(model)
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    return spec, params.to_pure_dict()
+    params = random_mlp_params([10, 24, 20, 16, 4], seed=0)
+    return perm.mlp_spec(params), params
 
 
 def test_weight_matching_recovers_planted_permutation(deep_mlp):
@@ -401,8 +458,8 @@ def test_weight_matching_recovers_planted_permutation(deep_mlp):
     np.testing.assert_allclose(result.objectives[-1], norm2, rtol=1e-6)
 
 
-def test_weight_matching_recovers_heads_through_sub_axes():
-    model = FusedBlock(rngs=nnx.Rngs(0))
+def test_weight_matching_recovers_heads_through_sub_axes(fused):
+    model = fused
     # Whole heads only: with head dims too, coordinate descent over the two
     # coupled groups of one leaf can stop at a local optimum.
     spec = perm.vit_block_spec(model)
@@ -415,9 +472,8 @@ def test_weight_matching_recovers_heads_through_sub_axes():
 
 def test_weight_matching_objective_never_decreases(deep_mlp):
     spec, params = deep_mlp
-    other = jax.tree.map(
-        lambda x: x + 0.7 * jax.random.normal(jax.random.key(3), x.shape), params
-    )
+    other = random_mlp_params([10, 24, 20, 16, 4], seed=3)
+    other = jax.tree.map(lambda x, y: x + 0.7 * y, params, other)
     b = perm.apply_permutation(spec, perm.random_permutation(jax.random.key(4), spec, params), other)
     result = perm.weight_matching(spec, params, b, seed=5)
     objectives = np.asarray(result.objectives)
@@ -434,9 +490,24 @@ def test_weight_matching_objective_never_decreases(deep_mlp):
     assert perm.weight_matching(spec, params, b, max_sweeps=1).num_sweeps == 1
 
 
-def test_scipy_and_optax_solvers_reach_same_objective(deep_mlp):
+def test_default_start_is_no_worse_than_identity_start(deep_mlp):
+    """Without init_perms both starts run and the better objective is kept."""
     spec, params = deep_mlp
-    b = jax.tree.map(lambda x: x[::-1] * 0.5 + 0.1, params)
+    b = random_mlp_params([10, 24, 20, 16, 4], seed=9)
+    default = perm.weight_matching(spec, params, b)
+    ident = perm.identity_permutation(spec, params)
+    from_identity = perm.weight_matching(spec, params, b, init_perms=ident)
+    assert default.objectives[-1] >= from_identity.objectives[-1]
+    np.testing.assert_allclose(
+        from_identity.objectives[0], perm.matching_objective(spec, ident, [(params, b)])
+    )
+
+
+def test_scipy_and_optax_solvers_reach_same_objective():
+    # Equal hidden widths: the optax solver compiles once.
+    params = random_mlp_params([10, 16, 16, 16, 4], seed=1)
+    spec = perm.mlp_spec(params)
+    b = random_mlp_params([10, 16, 16, 16, 4], seed=2)
     scipy_result = perm.weight_matching(spec, params, b, solver="scipy", seed=1)
     optax_result = perm.weight_matching(spec, params, b, solver="optax", seed=1)
     np.testing.assert_allclose(
@@ -451,11 +522,14 @@ def test_gradient_matching_sums_over_pairs():
     a = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     big = {"w": jnp.array([[0.0, 3.0], [3.0, 0.0]])}
     small = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
-    result = perm.gradient_matching(spec, [(a, big), (a, small)])
-    np.testing.assert_array_equal(result.perms["h"], [1, 0])
-    # objective = <a, swap(big)> + <a, swap(small)> = 6 + 0
-    np.testing.assert_allclose(result.objectives[-1], 6.0)
-    np.testing.assert_allclose(result.objectives[0], 1.0 + 1.0)
+    ident = {"h": jnp.arange(2)}
+    for init in (None, ident):
+        result = perm.gradient_matching(spec, [(a, big), (a, small)], init_perms=init)
+        np.testing.assert_array_equal(result.perms["h"], [1, 0])
+        # objective = <a, swap(big)> + <a, swap(small)> = 6 + 0
+        np.testing.assert_allclose(result.objectives[-1], 6.0)
+    # From the identity: <a, big> + <a, small> = 0 + 2.
+    np.testing.assert_allclose(result.objectives, [2.0, 6.0, 6.0])
 
 
 # --------------------------------------------------------------------------
@@ -521,9 +595,9 @@ def test_matching_rejects_mismatched_trees():
         perm.weight_matching(spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3), "b": jnp.zeros(2)})
 
 
-def test_builder_rejects_layers_out_of_order():
+def test_builder_rejects_layers_out_of_order(cnn):
     with pytest.raises(ValueError, match="norm layer 'bn2' has 12 features but layer 'bn1' gives 8"):
-        perm.conv_spec(CNN(rngs=nnx.Rngs(0)))
+        perm.conv_spec(cnn)
 
 
 def test_builder_rejects_flatten_before_dense():
@@ -535,24 +609,24 @@ def test_builder_rejects_flatten_before_dense():
         perm.conv_spec(tree)
 
 
-def test_resnet_rejects_identity_shortcut_with_width_change():
-    model = ResNet(rngs=nnx.Rngs(0))
+def test_resnet_rejects_identity_shortcut_with_width_change(resnet):
+    model = resnet
     with pytest.raises(ValueError, match="identity shortcut needs equal widths"):
         perm.resnet_spec(model, stem=("conv", "bn"), stages=("stages/0", "stages/1"), head=("fc",), shortcut=("proj",))
 
 
-def test_resnet_rejects_unknown_block_layer():
-    model = ResNet(rngs=nnx.Rngs(0))
+def test_resnet_rejects_unknown_block_layer(resnet):
+    model = resnet
     with pytest.raises(ValueError, match="block 'stages/0/0' has no layer"):
         perm.resnet_spec(model, stem=("conv", "bn"), stages=("stages/0",), head=("fc",), block=("conv1", "norm1"))
 
 
-def test_vit_rejects_missing_attention():
-    model = ViT(rngs=nnx.Rngs(0))
+def test_vit_rejects_missing_attention(vit):
+    model = vit
     with pytest.raises(ValueError, match="no module at 'blocks/0/attn'"):
         perm.vit_block_spec(model, blocks="blocks", attention="attn")
 
 
-def test_mlp_spec_rejects_conv_layer():
+def test_mlp_spec_rejects_conv_layer(cnn):
     with pytest.raises(ValueError, match="layer 'conv1' is a conv layer"):
-        perm.mlp_spec(CNN(rngs=nnx.Rngs(0)), layers=CNN_LAYERS)
+        perm.mlp_spec(cnn, layers=CNN_LAYERS)

@@ -149,8 +149,12 @@ def test_cnn1d_sub_network_equals_plain_flax_network():
         assert got.shape == (5, proj)
     # The train-mode calls updated the running statistics in the same way.
     for block, norm in zip(model.blocks, norms):
-        chex.assert_trees_all_close(block.norm.norms[1].mean[...], norm.mean[...], atol=1e-6)
-        chex.assert_trees_all_close(block.norm.norms[1].var[...], norm.var[...], atol=1e-6)
+        chex.assert_trees_all_close(
+            block.norm.norms[1].mean[...], norm.mean[...], atol=1e-6
+        )
+        chex.assert_trees_all_close(
+            block.norm.norms[1].var[...], norm.var[...], atol=1e-6
+        )
 
 
 def test_attention_sub_network_equals_flax_multi_head_attention():
@@ -159,7 +163,11 @@ def test_attention_sub_network_equals_flax_multi_head_attention():
     attn = sl.SlimmableAttention(embed, heads, head_dim=head_dim, rngs=_rngs(0))
     _randomize(attn, 3)
     ref = nnx.MultiHeadAttention(
-        h, embed, qkv_features=h * head_dim, out_features=embed, decode=False,
+        h,
+        embed,
+        qkv_features=h * head_dim,
+        out_features=embed,
+        decode=False,
         rngs=_rngs(1),
     )
     for name in ("query", "key", "value"):
@@ -173,29 +181,51 @@ def test_attention_sub_network_equals_flax_multi_head_attention():
 
 def _mlp(widths, scale=1.0):
     return sl.SlimmableMLP(
-        5, (int(8 * scale), int(6 * scale)), widths, projection_dim=3,
-        head_hidden=int(6 * scale), rngs=_rngs(0),
+        5,
+        (int(8 * scale), int(6 * scale)),
+        widths,
+        projection_dim=3,
+        head_hidden=int(6 * scale),
+        rngs=_rngs(0),
     )
 
 
 def _cifar_resnet(widths, scale=1.0):
     return sl.SlimmableResNet(
-        (1, 1), widths, num_filters=int(8 * scale), projection_dim=3,
-        head_batch_norm=True, rngs=_rngs(0),
+        (1, 1),
+        widths,
+        num_filters=int(8 * scale),
+        projection_dim=3,
+        head_batch_norm=True,
+        rngs=_rngs(0),
     )
 
 
 def _imagenet_resnet(widths, scale=1.0):
     return sl.SlimmableResNet(
-        (1, 1), widths, block="bottleneck", stem="imagenet", num_filters=int(4 * scale),
-        projection_dim=3, rngs=_rngs(0),
+        (1, 1),
+        widths,
+        block="bottleneck",
+        stem="imagenet",
+        num_filters=int(4 * scale),
+        projection_dim=3,
+        rngs=_rngs(0),
     )
 
 
 def _vit(widths, scale=1.0):
     return sl.SlimmableViT(
-        8, 4, 8, 2, int(4 * scale), int(16 * scale), widths, head_dim=2,
-        projection_dim=3, head_hidden=int(8 * scale), rngs=_rngs(0),
+        8,
+        4,
+        8,
+        2,
+        int(4 * scale),
+        int(16 * scale),
+        widths,
+        head_dim=2,
+        projection_dim=3,
+        head_hidden=int(8 * scale),
+        rngs=_rngs(0),
     )
 
 
@@ -239,7 +269,9 @@ def test_width_loss_gradient_is_zero_outside_its_prefix_block():
 
     def loss(params, rest):
         m, p = nnx.merge(graphdef, params, rest, copy=True)
-        return jnp.sum(m(x, width=w) ** 2) + jnp.sum(p(m.features(x, width=w), width=w) ** 2)
+        return jnp.sum(m(x, width=w) ** 2) + jnp.sum(
+            p(m.features(x, width=w), width=w) ** 2
+        )
 
     grads = jax.jit(jax.grad(loss))(params, rest)
     variables = nnx.state((model, probe), nnx.Param)
@@ -256,7 +288,9 @@ def test_width_loss_gradient_is_zero_outside_its_prefix_block():
                 assert np.any(g != 0)
             continue
         block = tuple(
-            slice(0, sl.slim_size(n, w)) if a in meta.get("slim_axes", ()) else slice(None)
+            slice(0, sl.slim_size(n, w))
+            if a in meta.get("slim_axes", ())
+            else slice(None)
             for a, n in enumerate(g.shape)
         )
         inside = np.zeros(g.shape, bool)
@@ -269,11 +303,16 @@ def test_width_loss_gradient_is_zero_outside_its_prefix_block():
 
 def test_train_call_changes_only_that_widths_statistics():
     widths = (1.0, 0.75, 0.5, 0.25)
-    model = sl.SlimmableCNN1D(1, (8, 8), widths, projection_dim=4, rngs=_rngs(0))
-    x = _normal(0, (6, 20))
+    model = sl.SlimmableMLP(3, (8, 8), widths, projection_dim=None, rngs=_rngs(0))
+    x = _normal(0, (6, 3))
+
+    @nnx.jit(static_argnums=(2, 3))
+    def call(model, x, width, use_running_average):
+        model(x, width=width, use_running_average=use_running_average)
+
     for w in widths:
         before = nnx.clone(nnx.state(model, nnx.BatchStat))
-        model(x, width=w, use_running_average=False)
+        call(model, x, w, False)
         after = nnx.state(model, nnx.BatchStat)
         for layer_before, layer_after in zip(
             (b["norm"]["norms"] for b in before["blocks"].values()),
@@ -289,22 +328,31 @@ def test_train_call_changes_only_that_widths_statistics():
                         np.testing.assert_array_equal(old, new)
     # An eval-mode call changes nothing.
     before = nnx.clone(nnx.state(model, nnx.BatchStat))
-    model(x, width=0.5, use_running_average=True)
+    call(model, x, 0.5, True)
     chex.assert_trees_all_equal(before, nnx.state(model, nnx.BatchStat))
 
 
 def test_all_widths_variables_exist_after_init():
     widths = (1.0, 0.75, 0.5, 0.25)
-    model = sl.SlimmableCNN1D(1, (16, 32), widths, projection_dim=4, rngs=_rngs(0))
+    model, probe = nnx.eval_shape(
+        lambda: (
+            sl.SlimmableCNN1D(1, (16, 32), widths, projection_dim=4, rngs=_rngs(0)),
+            sl.SwitchableLinear(32, 10, widths, rngs=_rngs(0)),
+        )
+    )
     for block, channels in zip(model.blocks, (16, 32)):
         assert block.norm.widths == widths
         for norm, w in zip(block.norm.norms, widths):
             n = sl.slim_size(channels, w)
             for name in ("scale", "bias", "mean", "var"):
-                assert getattr(norm, name)[...].shape == (n,)
+                assert getattr(norm, name).shape == (n,)
             assert norm.scale.get_metadata()["switch_width"] == w
-    probe = sl.SwitchableLinear(32, 10, widths, rngs=_rngs(0))
-    assert [h.kernel[...].shape for h in probe.heads] == [(32, 10), (24, 10), (16, 10), (8, 10)]
+    assert [h.kernel.shape for h in probe.heads] == [
+        (32, 10),
+        (24, 10),
+        (16, 10),
+        (8, 10),
+    ]
 
 
 def test_resnet50_has_torchvision_parameter_count():
@@ -321,7 +369,9 @@ def test_resnet50_has_torchvision_parameter_count():
 
 
 def test_calibrate_batch_norm_sets_population_statistics_for_new_width():
-    model = _randomize(sl.SlimmableMLP(4, (8,), WIDTHS, projection_dim=None, rngs=_rngs(0)), 3)
+    model = _randomize(
+        sl.SlimmableMLP(4, (8,), WIDTHS, projection_dim=None, rngs=_rngs(0)), 3
+    )
     old_stats = nnx.clone(nnx.state(model, nnx.BatchStat))
     old_params = nnx.clone(nnx.state(model, nnx.Param))
     data = [_normal(i, (n, 4)) for i, n in enumerate((16, 8, 24))]

@@ -48,13 +48,15 @@ def test_info_nce_matches_numpy_and_stops_key_gradients():
     q, k, queue, tau = _data(2, 4, 6), _data(3, 4, 6), _data(4, 9, 6), 0.2
     loss, logits = sl.info_nce(jnp.asarray(q), jnp.asarray(k), jnp.asarray(queue), tau)
     qn, kn, nn = _unit(q), _unit(k), _unit(queue)
-    want_logits = np.concatenate([np.sum(qn * kn, -1, keepdims=True), qn @ nn.T], axis=1)
+    want_logits = np.concatenate(
+        [np.sum(qn * kn, -1, keepdims=True), qn @ nn.T], axis=1
+    )
     want = np.mean([-_log_softmax(row / tau)[0] for row in want_logits])
     np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
-    gk, gqueue = jax.grad(lambda k, n: sl.info_nce(jnp.asarray(q), k, n, tau)[0], (0, 1))(
-        jnp.asarray(k), jnp.asarray(queue)
-    )
+    gk, gqueue = jax.grad(
+        lambda k, n: sl.info_nce(jnp.asarray(q), k, n, tau)[0], (0, 1)
+    )(jnp.asarray(k), jnp.asarray(queue))
     np.testing.assert_array_equal(gk, 0.0)
     np.testing.assert_array_equal(gqueue, 0.0)
 
@@ -66,10 +68,14 @@ def test_mocov3_loss_matches_numpy_reference():
 
     def ctr(q, k):
         sims = _unit(q) @ _unit(k).T
-        return 2 * tau * np.mean([-_log_softmax(sims[i] / tau)[i] for i in range(len(q))])
+        return (
+            2 * tau * np.mean([-_log_softmax(sims[i] / tau)[i] for i in range(len(q))])
+        )
 
     np.testing.assert_allclose(float(loss), ctr(q1, k2) + ctr(q2, k1), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(l12), _unit(q1) @ _unit(k2).T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(l12), _unit(q1) @ _unit(k2).T, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_distillation_matches_temperature_scaled_kl():
@@ -91,7 +97,9 @@ def test_distillation_has_the_gradient_of_the_soft_cross_entropy():
         return temp**2 * jnp.mean(-jnp.sum(p * jax.nn.log_softmax(s / temp), axis=-1))
 
     chex.assert_trees_all_close(
-        jax.grad(sl.contrastive_distillation)(s, t, temp), jax.grad(soft_ce)(s), atol=1e-6
+        jax.grad(sl.contrastive_distillation)(s, t, temp),
+        jax.grad(soft_ce)(s),
+        atol=1e-6,
     )
 
 
@@ -150,5 +158,7 @@ def test_distillation_rejects_mismatched_shapes():
 
 
 def test_l2_normalize_is_finite_at_zero():
-    value, grad = jax.value_and_grad(lambda x: jnp.sum(sl.l2_normalize(x)))(jnp.zeros((2, 3)))
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(sl.l2_normalize(x)))(
+        jnp.zeros((2, 3))
+    )
     chex.assert_tree_all_finite((value, grad))

@@ -51,7 +51,9 @@ def test_loss_weights_reject_unknown_mode(mode):
 
 
 def test_slow_start_schedule_switches_without_recompiling():
-    schedule = sl.slow_start_schedule((1.0, 0.5, 0.25), switch_step=3, distill_weight=0.5)
+    schedule = sl.slow_start_schedule(
+        (1.0, 0.5, 0.25), switch_step=3, distill_weight=0.5
+    )
     traces = []
 
     @jax.jit
@@ -133,7 +135,9 @@ def test_weighted_value_and_grad_rejects_non_vector_losses():
 
 
 def test_weighted_value_and_grad_returns_aux():
-    f = sl.weighted_value_and_grad(lambda p: (jnp.stack([p, 2 * p]), "aux"), has_aux=True)
+    f = sl.weighted_value_and_grad(
+        lambda p: (jnp.stack([p, 2 * p]), "aux"), has_aux=True
+    )
     (total, losses, aux), g = f(1.5, jnp.array([2.0, 1.0]))
     assert aux == "aux" and float(total) == 6.0 and float(g) == 4.0
     np.testing.assert_allclose(losses, [1.5, 3.0])
@@ -156,7 +160,9 @@ def _optimizers():
 
 def _grads(step):
     rng = np.random.default_rng(100 + step)
-    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), PARAMS)
+    return jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), PARAMS
+    )
 
 
 def _trajectory(opt, steps):
@@ -183,7 +189,9 @@ def test_freeze_until_keeps_masked_leaves_bit_identical_then_releases(name, form
             np.testing.assert_array_equal(params["sub"], PARAMS["sub"])
         else:
             assert np.all(params["sub"] != history[t - 1][0]["sub"])
-        assert np.all(params["shared"] != (history[t - 1][0] if t else PARAMS)["shared"])
+        assert np.all(
+            params["shared"] != (history[t - 1][0] if t else PARAMS)["shared"]
+        )
 
 
 def test_freeze_until_wrapper_starts_masked_leaves_with_fresh_inner_state():
@@ -196,9 +204,13 @@ def test_freeze_until_wrapper_starts_masked_leaves_with_fresh_inner_state():
     # Fresh momentum: the trace of the masked leaf is its first gradient + decay.
     want_trace = _grads(switch)["sub"] + wd * PARAMS["sub"]
     np.testing.assert_allclose(trace["sub"], want_trace, rtol=1e-6)
-    np.testing.assert_allclose(params["sub"], PARAMS["sub"] - lr * want_trace, rtol=1e-6)
+    np.testing.assert_allclose(
+        params["sub"], PARAMS["sub"] - lr * want_trace, rtol=1e-6
+    )
     # Before the switch the masked entries of the inner state stayed at init.
-    np.testing.assert_array_equal(history[switch - 1][1].inner_state[1][0].trace["sub"], 0.0)
+    np.testing.assert_array_equal(
+        history[switch - 1][1].inner_state[1][0].trace["sub"], 0.0
+    )
 
 
 def test_freeze_until_with_nnx_optimizer_and_sub_width_mask():
@@ -215,8 +227,10 @@ def test_freeze_until_with_nnx_optimizer_and_sub_width_mask():
     chex.assert_trees_all_equal(norms_after[1], norms_before[1])  # width 0.5: frozen
     assert np.all(norms_after[0]["scale"][...] != norms_before[0]["scale"][...])
     optimizer.update(model, grads)  # after the switch
-    assert np.all(nnx.state(model, nnx.Param)["blocks"][0]["norm"]["norms"][1]["scale"][...]
-                  != norms_before[1]["scale"][...])
+    assert np.all(
+        nnx.state(model, nnx.Param)["blocks"][0]["norm"]["norms"][1]["scale"][...]
+        != norms_before[1]["scale"][...]
+    )
 
 
 @pytest.mark.parametrize("switch_step", [-1, 1.5, True])
@@ -226,12 +240,15 @@ def test_freeze_until_rejects_bad_switch_step(switch_step):
 
 
 def test_sub_width_mask_marks_only_narrower_switchable_variables():
-    model = sl.SlimmableMLP(4, (8, 8), WIDTHS4, projection_dim=2, head_batch_norm=True,
-                            rngs=_rngs(0))
+    model = sl.SlimmableMLP(
+        4, (8, 8), WIDTHS4, projection_dim=2, head_batch_norm=True, rngs=_rngs(0)
+    )
     mask = sl.sub_width_mask(model)
     variables = nnx.state(model, nnx.Param)
     flat_mask = jax.tree.leaves(mask)
-    flat_vars = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    flat_vars = jax.tree.leaves(
+        variables, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
     assert len(flat_mask) == len(flat_vars)
     for m, v in zip(flat_mask, flat_vars):
         assert m == (v.get_metadata().get("switch_width", 1.0) < 1.0)

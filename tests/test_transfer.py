@@ -16,13 +16,6 @@ SIZES = (6, 16, 12, 3)
 T = 4
 
 
-class MLP(nnx.Module):
-    def __init__(self, sizes, *, rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
-        )
-
-
 def forward(params, x):
     """tanh MLP over the pure dict of ``MLP`` (smooth: no ties in gradients)."""
     layers = params["layers"]
@@ -44,8 +37,17 @@ grad_fn = jax.jit(jax.grad(loss))
 
 
 def init_params(seed):
-    _, params, _ = nnx.split(MLP(SIZES, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-    return params.to_pure_dict()
+    """The pure dict of an ``nnx.List`` of ``nnx.Linear`` (drawn by NumPy: no compiles)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layers": {
+            i: {
+                "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+                "bias": jnp.asarray(0.1 * rng.normal(size=(b,)), jnp.float32),
+            }
+            for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))
+        }
+    }
 
 
 def make_batches(seed, count, size=32):
@@ -66,7 +68,7 @@ def sgd_step(params, batch):
 
 @pytest.fixture(scope="module")
 def setup():
-    spec = perm.mlp_spec(MLP(SIZES, rngs=nnx.Rngs(0)))
+    spec = perm.mlp_spec(init_params(0))
     source_init = init_params(1)
     checkpoints = [source_init]
     for batch in make_batches(100, 3 * T):  # 3 SGD steps between checkpoints

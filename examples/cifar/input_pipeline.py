@@ -8,6 +8,8 @@ Training records go through :func:`examples.common.data.train_loader`
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from examples.common import augment, data
@@ -42,8 +44,9 @@ def get_sources(config):
     )
 
 
-def train_base(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return augment.pad_crop_flip(image, rng, padding=4)
+def train_base(config):
+    """4-pixel reflect pad, random 32x32 crop, horizontal flip if ``config.random_flip``."""
+    return functools.partial(augment.pad_crop_flip, padding=4, flip=config.random_flip)
 
 
 def eval_transform(image: np.ndarray) -> np.ndarray:

@@ -107,7 +107,9 @@ class WideBlock(nnx.Module):
         self.bn2 = _norm(cout, dtype, rngs)
         self.conv2 = _conv(cout, cout, 3, 1, dtype, rngs)
         needs_projection = stride != 1 or cin != cout
-        self.shortcut = _conv(cin, cout, 1, stride, dtype, rngs) if needs_projection else None
+        self.shortcut = (
+            _conv(cin, cout, 1, stride, dtype, rngs) if needs_projection else None
+        )
 
     def __call__(self, x, train: bool):
         ura = not train

@@ -19,7 +19,7 @@ def create_task(config: ml_collections.ConfigDict) -> trainer.Task:
         create_model=lambda rngs: models.create_model(config, rngs),
         train_source=train_source,
         eval_source=eval_source,
-        train_base=input_pipeline.train_base,
+        train_base=input_pipeline.train_base(config),
         eval_transform=input_pipeline.eval_transform,
         image_shape=input_pipeline.IMAGE_SHAPE,
     )

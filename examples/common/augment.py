@@ -8,7 +8,9 @@ The policies are simple, documented approximations of the torchvision ones
 that the Lookaround paper assigns to its members:
 
 * ``crop_flip``: pad-and-crop (or an Inception-style random resized crop for
-  ImageNet) and a horizontal flip with probability 1/2.
+  ImageNet) and a horizontal flip with probability 1/2 (CIFAR configs can turn
+  the flip off with ``config.random_flip = False``, as the digits config does:
+  mirrored digits are other glyphs).
 * ``randaugment``: ``crop_flip`` then RandAugment-like: ``num_ops`` operations
   drawn uniformly from :data:`OPS` (with replacement), each at the fixed
   magnitude ``magnitude / 30`` of its range, each sign flipped with
@@ -82,7 +84,9 @@ def equalize(image, v):
         if nonzero.size <= 1:
             out[..., c] = channel
             continue
-        lut = np.clip(np.rint((cdf - nonzero[0]) * 255.0 / (cdf[-1] - nonzero[0])), 0, 255)
+        lut = np.clip(
+            np.rint((cdf - nonzero[0]) * 255.0 / (cdf[-1] - nonzero[0])), 0, 255
+        )
         out[..., c] = lut.astype(np.uint8)[channel]
     return out
 
@@ -192,13 +196,15 @@ def auto_augment(image, rng):
     return image
 
 
-def pad_crop_flip(image, rng, *, padding: int = 4):
-    """Reflect-pads by ``padding``, crops back at a random offset, flips half."""
+def pad_crop_flip(image, rng, *, padding: int = 4, flip: bool = True):
+    """Reflect-pads by ``padding``, crops back at a random offset, flips half (if ``flip``)."""
     h, w = image.shape[:2]
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode="reflect")
+    padded = np.pad(
+        image, ((padding, padding), (padding, padding), (0, 0)), mode="reflect"
+    )
     top, left = rng.integers(2 * padding + 1, size=2)
     image = padded[top : top + h, left : left + w]
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    return image[:, ::-1] if flip and rng.random() < 0.5 else image
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -230,7 +236,10 @@ def center_crop(image, *, size: int, crop_fraction: float = 0.875):
     """Resizes the short side to ``size / crop_fraction`` then crops the centre."""
     h, w = image.shape[:2]
     short = size / crop_fraction
-    new_h, new_w = max(size, round(h * short / min(h, w))), max(size, round(w * short / min(h, w)))
+    new_h, new_w = (
+        max(size, round(h * short / min(h, w))),
+        max(size, round(w * short / min(h, w))),
+    )
     image = _resize(image, (new_h, new_w))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return image[top : top + size, left : left + size]

@@ -45,7 +45,7 @@ def prepare_command(name: str, data_dir: str | None = None) -> str:
         )
     return (
         'python -c "import tensorflow_datasets as tfds; '
-        f"tfds.data_source({name!r}, download=True{target})\"  "
+        f'tfds.data_source({name!r}, download=True{target})"  '
         f"(or: tfds build {name} --file_format=array_record"
         + (f" --data_dir={data_dir}" if data_dir else "")
         + ")"
@@ -86,7 +86,9 @@ class ArraySource:
         return {"image": self.images[index], "label": self.labels[index]}
 
 
-def digits_sources(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySource, ArraySource]:
+def digits_sources(
+    test_fraction: float = 0.2, seed: int = 0
+) -> tuple[ArraySource, ArraySource]:
     """``sklearn.datasets.load_digits`` as 32x32x3 uint8 images (train, test).
 
     The 8x8 images (values 0..16) are scaled to 0..255, upsampled 4x by
@@ -102,7 +104,9 @@ def digits_sources(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArraySour
     order = np.random.default_rng(seed).permutation(len(labels))
     num_test = int(round(len(labels) * test_fraction))
     test, train = order[:num_test], order[num_test:]
-    return ArraySource(images[train], labels[train]), ArraySource(images[test], labels[test])
+    return ArraySource(images[train], labels[train]), ArraySource(
+        images[test], labels[test]
+    )
 
 
 class MemberViews(grain.transforms.RandomMap):
@@ -153,7 +157,9 @@ def train_loader(
     )
 
 
-def _padded_batches(dataset, batch: int, num_batches: int, image_shape) -> Iterator[dict]:
+def _padded_batches(
+    dataset, batch: int, num_batches: int, image_shape
+) -> Iterator[dict]:
     """Batches of ``dataset`` padded (``mask`` 0) up to ``num_batches`` batches."""
     it = iter(dataset.batch(batch, drop_remainder=False))
     for _ in range(num_batches):
@@ -163,7 +169,11 @@ def _padded_batches(dataset, batch: int, num_batches: int, image_shape) -> Itera
         labels = np.zeros(batch, np.int32)
         if n:
             images[:n], labels[:n] = chunk["image"], chunk["label"]
-        yield {"image": images, "label": labels, "mask": (np.arange(batch) < n).astype(np.float32)}
+        yield {
+            "image": images,
+            "label": labels,
+            "mask": (np.arange(batch) < n).astype(np.float32),
+        }
 
 
 def eval_batches(
@@ -175,7 +185,10 @@ def eval_batches(
     per_process = -(-len(source) // count)
     num_batches = -(-per_process // batch)
     dataset = grain.MapDataset.source(source)[index::count].map(
-        lambda r: {"image": transform(np.asarray(r["image"])), "label": np.int32(r["label"])}
+        lambda r: {
+            "image": transform(np.asarray(r["image"])),
+            "label": np.int32(r["label"]),
+        }
     )
     return _padded_batches(dataset, batch, num_batches, tuple(image_shape))
 

@@ -14,7 +14,9 @@ flags.DEFINE_bool(
     False,
     "Call jax.distributed.initialize() first (multi-host GPU clusters and TPU pods).",
 )
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file.", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +26,8 @@ def run(train_and_evaluate: Callable) -> None:
             raise app.UsageError("Too many command-line arguments.")
         import jax
 
+        if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+            logging.set_verbosity(logging.WARNING)
         if FLAGS.distributed:
             jax.distributed.initialize()
         logging.info(

@@ -117,7 +117,9 @@ def base_optimizer(config, method: Method, schedule) -> optax.GradientTransforma
     if method.optimizer == "sgd":
         if opt.weight_decay:
             parts.append(optax.add_decayed_weights(opt.weight_decay))
-        parts.append(optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
+        parts.append(
+            optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
+        )
     else:
         parts.append(
             optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
@@ -141,7 +143,9 @@ def make_optimizer(
     if method.averaging == "lookahead":
         la = config.lookahead
         return members.per_member(
-            optax.lookahead(inner, sync_period=la.sync_period, slow_step_size=la.slow_step_size)
+            optax.lookahead(
+                inner, sync_period=la.sync_period, slow_step_size=la.slow_step_size
+            )
         )
     if method.averaging == "lookaround":
         return optax_wa.lookaround(
@@ -238,7 +242,9 @@ def model_state_sync(config, method: Method, schedule) -> Callable | None:
       step count after the update (a traced int).
     """
     if config.bn_sync not in ("average", "none"):
-        raise ValueError(f"config.bn_sync must be 'average' or 'none', got {config.bn_sync!r}.")
+        raise ValueError(
+            f"config.bn_sync must be 'average' or 'none', got {config.bn_sync!r}."
+        )
     if config.bn_sync == "none" or method.averaging not in ("lookaround", "papa"):
         return None
     if method.averaging == "lookaround":

@@ -21,7 +21,9 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads}).")
+            raise ValueError(
+                f"dim ({dim}) must be a multiple of num_heads ({num_heads})."
+            )
         self.num_heads = num_heads
         self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -31,7 +33,9 @@ class SelfAttention(nnx.Module):
         head_dim = dim // self.num_heads
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(
+            q.dtype
+        )
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.out(attended.reshape(batch, tokens, dim))
@@ -40,7 +44,9 @@ class SelfAttention(nnx.Module):
 class EncoderBlock(nnx.Module):
     """``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs
+    ):
         self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
         self.attention = SelfAttention(dim, num_heads, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
@@ -103,7 +109,10 @@ class ViT(nnx.Module):
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, dim)))
         self.cls_token = nnx.Param(jnp.zeros((1, 1, dim))) if pool == "cls" else None
         self.blocks = nnx.List(
-            [EncoderBlock(dim, num_heads, mlp_dim, dtype=dtype, rngs=rngs) for _ in range(depth)]
+            [
+                EncoderBlock(dim, num_heads, mlp_dim, dtype=dtype, rngs=rngs)
+                for _ in range(depth)
+            ]
         )
         self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(

@@ -107,7 +107,9 @@ class ModelFns:
         self.graphdef, self.abstract_params, self.abstract_state = nnx.split(
             abstract, nnx.Param, ...
         )
-        norms = [m for _, m in nnx.iter_modules(abstract) if isinstance(m, nnx.BatchNorm)]
+        norms = [
+            m for _, m in nnx.iter_modules(abstract) if isinstance(m, nnx.BatchNorm)
+        ]
         self.has_batch_norm = bool(norms)
         for norm in norms:  # momentum 0: the "running" statistics are the batch's.
             norm.momentum = 0.0
@@ -141,7 +143,9 @@ def execution_depth_order(fns: ModelFns, image_shape) -> Callable:
     paths = [jax.tree_util.keystr(path) for path, _ in leaves]
 
     def forward(flat_params, state, images):
-        params = jax.tree.unflatten(jax.tree.structure(fns.abstract_params), flat_params)
+        params = jax.tree.unflatten(
+            jax.tree.structure(fns.abstract_params), flat_params
+        )
         return fns.apply(params, state, images, train=False)[0]
 
     flat = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for _, leaf in leaves]
@@ -152,7 +156,9 @@ def execution_depth_order(fns: ModelFns, image_shape) -> Callable:
         for var in eqn.invars:
             if isinstance(var, jax.extend.core.Var):
                 first_use.setdefault(var, index)
-    order = sorted(range(len(paths)), key=lambda i: first_use.get(jaxpr.invars[i], 1 << 30))
+    order = sorted(
+        range(len(paths)), key=lambda i: first_use.get(jaxpr.invars[i], 1 << 30)
+    )
     rank = {paths[i]: r for r, i in enumerate(order)}
     return lambda path, leaf: rank[jax.tree_util.keystr(path)]
 
@@ -256,7 +262,9 @@ def init_state(setup: Setup, key: jax.Array) -> TrainState:
         same_init = methods.default_same_init(setup.method)
 
     def init_model(key):
-        params, model_state = members.init_members(setup.fns.init, key, m, same_init=same_init)
+        params, model_state = members.init_members(
+            setup.fns.init, key, m, same_init=same_init
+        )
         return setup.view.wrap(params), model_state
 
     with jax.set_mesh(mesh):
@@ -266,7 +274,9 @@ def init_state(setup: Setup, key: jax.Array) -> TrainState:
         )(key)
         opt_state = jax.jit(
             setup.tx.init,
-            out_shardings=member_shardings(jax.eval_shape(setup.tx.init, params), mesh, m),
+            out_shardings=member_shardings(
+                jax.eval_shape(setup.tx.init, params), mesh, m
+            ),
         )(params)
         step = jax.device_put(jnp.zeros([], jnp.int32), NamedSharding(mesh, P()))
         state = TrainState(step, params, model_state, opt_state)
@@ -332,6 +342,11 @@ def make_train_step(setup: Setup) -> Callable:
 # Evaluation: every member, the logit ensemble, the recalibrated weight average.
 
 
+def _average_or_empty(tree):
+    """``members.average_members``, or the empty tree (a model without BatchNorm)."""
+    return members.average_members(tree) if jax.tree.leaves(tree) else tree
+
+
 class Evaluator:
     """Evaluates members, their logit ensemble and their weight average.
 
@@ -341,7 +356,9 @@ class Evaluator:
     with :func:`optax_wa.recalibrate_batch_stats`.
     """
 
-    def __init__(self, setup: Setup, eval_source, eval_transform, recal_source, image_shape):
+    def __init__(
+        self, setup: Setup, eval_source, eval_transform, recal_source, image_shape
+    ):
         self.setup = setup
         self.eval_source, self.eval_transform = eval_source, eval_transform
         self.recal_source, self.image_shape = recal_source, image_shape
@@ -350,14 +367,20 @@ class Evaluator:
         replicated = NamedSharding(mesh, P())
         batch_sharding = NamedSharding(mesh, P("data"))
 
-        def eval_step(member_params, member_state, avg_params, avg_state, images, labels, mask):
+        def eval_step(
+            member_params, member_state, avg_params, avg_state, images, labels, mask
+        ):
             x = _normalize(config, images)
             stack = lambda ms, a: jnp.concatenate([ms, a[None].astype(ms.dtype)])
             params = jax.tree.map(stack, member_params, avg_params)
             state = jax.tree.map(stack, member_state, avg_state)
-            logits = jax.vmap(lambda p, s: fns.apply(p, s, x, train=False)[0])(params, state)
+            logits = jax.vmap(lambda p, s: fns.apply(p, s, x, train=False)[0])(
+                params, state
+            )
             ensemble = sum(logits[i] for i in range(m)) / m
-            logits = jnp.concatenate([logits, ensemble[None]])  # members, average, ensemble
+            logits = jnp.concatenate(
+                [logits, ensemble[None]]
+            )  # members, average, ensemble
             correct = ((logits.argmax(-1) == labels) * mask).sum(-1)
             one_hot = jax.nn.one_hot(labels, config.num_classes)
             loss = (optax.softmax_cross_entropy(logits, one_hot) * mask).sum(-1)
@@ -367,12 +390,14 @@ class Evaluator:
         self.average = jax.jit(
             lambda params, state: (
                 members.average_members(setup.view.evaluate(params)),
-                members.average_members(state),
+                _average_or_empty(state),
             ),
             out_shardings=replicated,
         )
         self.batch_stats = jax.jit(
-            lambda ps, images: fns.batch_stats(ps[0], ps[1], _normalize(config, images)),
+            lambda ps, images: fns.batch_stats(
+                ps[0], ps[1], _normalize(config, images)
+            ),
             in_shardings=(replicated, batch_sharding),
             out_shardings=replicated,
         )
@@ -419,7 +444,10 @@ class Evaluator:
                 data.to_global(mesh, batch["mask"], P("data")),
             )
             correct, loss, count = correct + c, loss + lo, count + n
-        correct, loss = np.asarray(correct) / float(count), np.asarray(loss) / float(count)
+        correct, loss = (
+            np.asarray(correct) / float(count),
+            np.asarray(loss) / float(count),
+        )
         names = [f"member_{i}" for i in range(m)] + ["average", "ensemble"]
         metrics = {}
         for i, name in enumerate(names):
@@ -582,7 +610,9 @@ def train_and_evaluate(
     Returns:
       The final state and the final evaluation metrics.
     """
-    setup = make_setup(config, task.create_model, task.image_shape, len(task.train_source))
+    setup = make_setup(
+        config, task.create_model, task.image_shape, len(task.train_source)
+    )
     writer = MetricWriter(workdir)
     mesh = setup.mesh
     writer.print(
@@ -592,7 +622,11 @@ def train_and_evaluate(
     state = init_state(setup, jax.random.key(config.seed))
     train_step = make_train_step(setup)
     evaluator = Evaluator(
-        setup, task.eval_source, task.eval_transform, task.train_source, task.image_shape
+        setup,
+        task.eval_source,
+        task.eval_transform,
+        task.train_source,
+        task.image_shape,
     )
     train_iter = make_train_iterator(config, task, setup.num_members)
     manager = checkpoint_manager(workdir, config)
@@ -605,20 +639,26 @@ def train_and_evaluate(
     if jax.process_index() == 0 and config.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=setup.total_steps, initial=start, desc="train", unit="step")
+        progress = tqdm(
+            total=setup.total_steps, initial=start, desc="train", unit="step"
+        )
     eval_metrics: dict[str, float] = {}
     tick = time.perf_counter()
     with jax.set_mesh(mesh):
         for step in range(start + 1, setup.total_steps + 1):
             batch = next(train_iter)
-            images = data.to_global(mesh, batch["image"].swapaxes(0, 1), P("members", "data"))
+            images = data.to_global(
+                mesh, batch["image"].swapaxes(0, 1), P("members", "data")
+            )
             labels = data.to_global(mesh, batch["label"], P("data"))
             state, metrics = train_step(state, images, labels)
             last = step == setup.total_steps
             if step % config.log_every_steps == 0 or last:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                metrics["train/steps_per_second"] = config.log_every_steps / (now - tick)
+                metrics["train/steps_per_second"] = config.log_every_steps / (
+                    now - tick
+                )
                 tick = now
                 writer.write(step, metrics)
                 if progress is not None:
@@ -628,7 +668,9 @@ def train_and_evaluate(
             if step % config.eval_every_steps == 0 or last:
                 eval_metrics = evaluator(state)
                 writer.write(step, eval_metrics)
-                writer.print(f"step {step}: {_summary(eval_metrics, setup.num_members)}")
+                writer.print(
+                    f"step {step}: {_summary(eval_metrics, setup.num_members)}"
+                )
             if step % config.checkpoint_every_steps == 0 or last:
                 save_checkpoint(manager, state, train_iter)
     if progress is not None:
@@ -636,4 +678,3 @@ def train_and_evaluate(
     manager.wait_until_finished()
     manager.close()
     return state, eval_metrics
-

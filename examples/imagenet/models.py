@@ -15,7 +15,10 @@ from examples.common.models import ViT
 
 ARCHITECTURES = {
     "vit_s16": (ViT, dict(patch_size=16, dim=384, depth=12, num_heads=6, mlp_dim=1536)),
-    "vit_b16": (ViT, dict(patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072)),
+    "vit_b16": (
+        ViT,
+        dict(patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    ),
 }
 
 

@@ -53,7 +53,12 @@ def _read_all(source, limit: int | None, batch_size: int = 1024):
     n = len(source) if limit is None else min(limit, len(source))
     dataset = (
         grain.MapDataset.source(source)[:n]
-        .map(lambda r: (np.asarray(r["image"], np.uint8), np.asarray(r["label"], np.int32)))
+        .map(
+            lambda r: (
+                np.asarray(r["image"], np.uint8),
+                np.asarray(r["label"], np.int32),
+            )
+        )
         .batch(batch_size)
     )
     images, labels = zip(*dataset)
@@ -77,10 +82,14 @@ def load(config) -> Dataset:
     test = common_data.tfds_source(config.dataset, config.eval_split, config.data_dir)
     x_train, y_train = _read_all(train, config.get("max_train_examples"))
     x_test, y_test = _read_all(test, config.get("max_eval_examples"))
-    return Dataset(x_train, y_train, x_test, y_test, NUM_CLASSES[config.dataset], "image")
+    return Dataset(
+        x_train, y_train, x_test, y_test, NUM_CLASSES[config.dataset], "image"
+    )
 
 
-def epoch_indices(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def epoch_indices(
+    n: int, batch_size: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """Shuffled index batches of one epoch (the last partial batch is dropped)."""
     if batch_size > n:
         raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({n}).")
@@ -114,7 +123,9 @@ def _augment_signal(key, x, cfg):
     grid = jnp.linspace(0.0, 1.0, length)
     pos = (offset + scale * grid) * (length - 1)
     y = jnp.interp(pos, jnp.arange(length, dtype=jnp.float32), x)
-    y = y * jax.random.uniform(k_amp, (), minval=1.0 - cfg.amplitude, maxval=1.0 + cfg.amplitude)
+    y = y * jax.random.uniform(
+        k_amp, (), minval=1.0 - cfg.amplitude, maxval=1.0 + cfg.amplitude
+    )
     y = y + cfg.trend * jax.random.normal(k_trend, ()) * (grid - 0.5)
     return y + cfg.noise * jax.random.normal(k_noise, (length,))
 
@@ -134,7 +145,9 @@ def _augment_image(key, image, cfg):
     keys = jax.random.split(key, 9)
     h, w = image.shape[:2]
     area = jax.random.uniform(keys[0], (), minval=cfg.min_crop, maxval=1.0)
-    log_ratio = jax.random.uniform(keys[1], (), minval=jnp.log(3 / 4), maxval=jnp.log(4 / 3))
+    log_ratio = jax.random.uniform(
+        keys[1], (), minval=jnp.log(3 / 4), maxval=jnp.log(4 / 3)
+    )
     ratio = jnp.exp(log_ratio)
     ch = jnp.clip(jnp.sqrt(area / ratio), 0.1, 1.0) * h
     cw = jnp.clip(jnp.sqrt(area * ratio), 0.1, 1.0) * w
@@ -152,7 +165,9 @@ def _augment_image(key, image, cfg):
     jittered = jnp.clip((jittered - _gray(jittered)) * sat + _gray(jittered), 0.0, 1.0)
     image = jnp.where(jax.random.bernoulli(keys[6], 0.8), jittered, image)
     image = jnp.where(
-        jax.random.bernoulli(keys[7], 0.2), jnp.broadcast_to(_gray(image), image.shape), image
+        jax.random.bernoulli(keys[7], 0.2),
+        jnp.broadcast_to(_gray(image), image.shape),
+        image,
     )
     return image
 
@@ -161,6 +176,10 @@ def augment(key: jax.Array, x: jax.Array, kind: str, cfg) -> jax.Array:
     """A batch of independently augmented views, ready for the network."""
     keys = jax.random.split(key, x.shape[0])
     if kind == "signal":
-        return jax.vmap(lambda k, xi: _augment_signal(k, xi, cfg))(keys, x.astype(jnp.float32))
-    images = jax.vmap(lambda k, xi: _augment_image(k, xi, cfg))(keys, x.astype(jnp.float32) / 255.0)
+        return jax.vmap(lambda k, xi: _augment_signal(k, xi, cfg))(
+            keys, x.astype(jnp.float32)
+        )
+    images = jax.vmap(lambda k, xi: _augment_image(k, xi, cfg))(
+        keys, x.astype(jnp.float32) / 255.0
+    )
     return (images - CIFAR_MEAN) / CIFAR_STD

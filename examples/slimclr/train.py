@@ -17,7 +17,9 @@ The sections below follow one run of :func:`train_and_evaluate`:
    second program runs the full width only, so slow start also saves the
    sub-widths' compute; each of the two programs compiles once. SimCLR uses NT-Xent
    on the two views; MoCo v2 uses InfoNCE against a queue and a momentum key
-   encoder (:func:`optax_wa.slimmable.update_key_encoder`).
+   encoder (:func:`optax_wa.slimmable.update_key_encoder`) that computes the
+   keys with its own batch statistics (MoCo's cross-device shuffled BN is not
+   reproduced).
 3. **Switchable linear probe.** The frozen backbone (running statistics,
    eval mode) gives the features of each width; one linear head per width
    (:class:`optax_wa.slimmable.SwitchableLinear`) is trained on them and
@@ -55,16 +57,44 @@ def create_model(config, rngs: nnx.Rngs):
     head_bn = config.framework == "simclr"
     if config.model == "cnn1d":
         return sl.SlimmableCNN1D(
-            1, tuple(config.channels), widths, kernel_size=config.kernel_size,
-            projection_dim=config.projection_dim, head_batch_norm=head_bn, rngs=rngs,
+            1,
+            tuple(config.channels),
+            widths,
+            kernel_size=config.kernel_size,
+            projection_dim=config.projection_dim,
+            head_batch_norm=head_bn,
+            rngs=rngs,
         )
     if config.model == "resnet":
         return sl.SlimmableResNet(
-            tuple(config.stage_sizes), widths, num_filters=config.num_filters,
-            stem="cifar", projection_dim=config.projection_dim, head_batch_norm=head_bn,
+            tuple(config.stage_sizes),
+            widths,
+            num_filters=config.num_filters,
+            stem="cifar",
+            projection_dim=config.projection_dim,
+            head_batch_norm=head_bn,
             rngs=rngs,
         )
     raise ValueError(f"config.model must be 'cnn1d' or 'resnet', got {config.model!r}.")
+
+
+def init_model(config):
+    """``(abstract_model, params, batch_stats)`` for ``config.seed``.
+
+    The variables are initialized by one jitted program (many small eager
+    initializers would each compile); the abstract model carries the
+    structure and the variables' metadata.
+    """
+    model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+
+    @jax.jit
+    def init(key):
+        _, params, batch_stats = nnx.split(
+            create_model(config, nnx.Rngs(key)), nnx.Param, nnx.BatchStat
+        )
+        return _pure(params), _pure(batch_stats)
+
+    return (model, *init(jax.random.key(config.seed)))
 
 
 def _decay_mask(params):
@@ -72,7 +102,9 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def create_optimizer(config, model, total_steps: int, switch_step: int, steps_per_epoch: int):
+def create_optimizer(
+    config, model, total_steps: int, switch_step: int, steps_per_epoch: int
+):
     """SGD (momentum) or AdamW with warmup + cosine, wrapped for SlimCLR."""
     warmup = min(config.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
     lr = config.learning_rate * config.batch_size / 256
@@ -85,7 +117,9 @@ def create_optimizer(config, model, total_steps: int, switch_step: int, steps_pe
     elif config.optimizer == "adamw":
         base = optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
     else:
-        raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}.")
+        raise ValueError(
+            f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}."
+        )
     widths = tuple(config.widths)
     chain = []
     if len(widths) > 1:
@@ -137,7 +171,9 @@ def _loss_vector(params, batch_stats, graphdef, v1, v2, key_out, queue, config, 
         if i == 0:
             teacher = logits
         else:
-            distill[i] = sl.contrastive_distillation(logits, teacher, config.distill_temperature)
+            distill[i] = sl.contrastive_distillation(
+                logits, teacher, config.distill_temperature
+            )
     losses = jnp.stack(contrast + distill)
     return losses, _pure(nnx.state(model, nnx.BatchStat))
 
@@ -149,8 +185,8 @@ def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
     sub-widths' losses are then 0, their statistics untouched, and their
     compute saved. Each value of ``slim`` compiles once; the loss weights are
     a runtime array, so the all-widths program serves the whole second phase.
-    (A ``lax.cond`` on the step would give one program, but on XLA CPU it made
-    every step about 10x slower in our measurements.)
+    (A ``lax.cond`` on the step would give a single program, but on XLA CPU
+    it made every step much slower.)
     """
     widths = tuple(config.widths)
     schedule = sl.slow_start_schedule(
@@ -166,29 +202,38 @@ def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
         v1 = input_pipeline.augment(k1, x, kind, config.augment)
         v2 = input_pipeline.augment(k2, x, kind, config.augment)
         key_params, key_stats, queue, key_out = (
-            state.key_params, state.key_stats, state.queue, None,
+            state.key_params,
+            state.key_stats,
+            state.queue,
+            None,
         )
         if config.framework == "mocov2":
             # Momentum update first, then the keys (as MoCo does).
-            key_params = sl.update_key_encoder(key_params, state.params, config.key_momentum)
+            key_params = sl.update_key_encoder(
+                key_params, state.params, config.key_momentum
+            )
             key_model = nnx.merge(graphdef, key_params, key_stats)
-            key_out = jax.lax.stop_gradient(key_model(v2, width=widths[0], use_running_average=False))
+            key_out = jax.lax.stop_gradient(
+                key_model(v2, width=widths[0], use_running_average=False)
+            )
             key_stats = _pure(nnx.state(key_model, nnx.BatchStat))
 
         weights = schedule(state.step)
 
-        def branch(active_widths):
-            def run(params):
-                fn = sl.weighted_value_and_grad(
-                    functools.partial(_loss_vector, widths=active_widths), has_aux=True
-                )
-                return fn(params, weights, state.batch_stats, graphdef, v1, v2, key_out,
-                          queue, config)
-
-            return run
-
-        (total, losses, batch_stats), grads = branch(widths if slim else widths[:1])(
-            state.params
+        active = widths if slim else widths[:1]
+        loss_and_grad = sl.weighted_value_and_grad(
+            functools.partial(_loss_vector, widths=active), has_aux=True
+        )
+        (total, losses, batch_stats), grads = loss_and_grad(
+            state.params,
+            weights,
+            state.batch_stats,
+            graphdef,
+            v1,
+            v2,
+            key_out,
+            queue,
+            config,
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -211,25 +256,32 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
     ``history`` holds one entry per epoch: the mean loss, the per-width
     contrastive and distillation losses, and the mean imbalance ratio.
     """
-    model = create_model(config, nnx.Rngs(config.seed))
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = _pure(params), _pure(batch_stats)
+    model, params, batch_stats = init_model(config)
+    graphdef = nnx.graphdef(model)
     steps_per_epoch = len(data.x_train) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     switch_step = int(round(config.slow_start_fraction * total_steps))
     tx = create_optimizer(config, model, total_steps, switch_step, steps_per_epoch)
     if config.framework == "mocov2":
         key_params, key_stats = params, batch_stats
-        queue = sl.init_queue(jax.random.key(config.seed + 1), config.queue_size,
-                              config.projection_dim)
+        queue = sl.init_queue(
+            jax.random.key(config.seed + 1), config.queue_size, config.projection_dim
+        )
     elif config.framework == "simclr":
         key_params = key_stats = queue = ()
     else:
         raise ValueError(
             f"config.framework must be 'simclr' or 'mocov2', got {config.framework!r}."
         )
-    state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats, tx.init(params),
-                       key_params, key_stats, queue)
+    state = TrainState(
+        jnp.zeros([], jnp.int32),
+        params,
+        batch_stats,
+        tx.init(params),
+        key_params,
+        key_stats,
+        queue,
+    )
     step = make_pretrain_step(graphdef, tx, config, data.kind, switch_step)
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
@@ -239,7 +291,9 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
     for epoch in range(config.num_epochs):
         t0 = time.time()
         sums = []
-        for idx in input_pipeline.epoch_indices(len(data.x_train), config.batch_size, rng):
+        for idx in input_pipeline.epoch_indices(
+            len(data.x_train), config.batch_size, rng
+        ):
             key, sub = jax.random.split(key)
             slim = len(widths) > 1 and global_step >= switch_step
             state, metrics = step(state, data.x_train[idx], sub, slim=slim)
@@ -250,8 +304,12 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
         entry = {
             "epoch": epoch + 1,
             "loss": float(means["loss"]),
-            "contrastive": dict(zip(map(str, widths), np.asarray(means["losses"][:n]).tolist())),
-            "distillation": dict(zip(map(str, widths), np.asarray(means["losses"][n:]).tolist())),
+            "contrastive": dict(
+                zip(map(str, widths), np.asarray(means["losses"][:n]).tolist())
+            ),
+            "distillation": dict(
+                zip(map(str, widths), np.asarray(means["losses"][n:]).tolist())
+            ),
             "slimmable": bool(epoch * steps_per_epoch >= switch_step),
             "seconds": time.time() - t0,
         }
@@ -261,10 +319,12 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
         if log and (epoch + 1) % config.log_every_epochs == 0:
             logging.info(
                 "epoch %d loss %.4f contrastive %s distillation %s ratio %s (%.1fs)",
-                epoch + 1, entry["loss"],
+                epoch + 1,
+                entry["loss"],
                 {w: round(v, 4) for w, v in entry["contrastive"].items()},
                 {w: round(v, 4) for w, v in entry["distillation"].items()},
-                round(entry.get("imbalance_ratio", float("nan")), 4), entry["seconds"],
+                round(entry.get("imbalance_ratio", float("nan")), 4),
+                entry["seconds"],
             )
     return graphdef, state.params, state.batch_stats, history
 
@@ -281,18 +341,22 @@ def extract_features(graphdef, params, batch_stats, x, width, kind, batch_size=5
     backbone untouched.
     """
 
-    @jax.jit
-    def run(batch_stats, xb):
-        model = nnx.merge(graphdef, params, batch_stats)
-        f = model.features(input_pipeline.preprocess(xb, kind), width=width,
-                           use_running_average=True)
-        return f, _pure(nnx.state(model, nnx.BatchStat))
-
     out = []
     for i in range(0, len(x), batch_size):
-        f, batch_stats = run(batch_stats, x[i : i + batch_size])
+        f, batch_stats = _features(
+            graphdef, params, batch_stats, x[i : i + batch_size], width, kind
+        )
         out.append(np.asarray(f))
     return np.concatenate(out), batch_stats
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _features(graphdef, params, batch_stats, x, width, kind):
+    model = nnx.merge(graphdef, params, batch_stats)
+    f = model.features(
+        input_pipeline.preprocess(x, kind), width=width, use_running_average=True
+    )
+    return f, _pure(nnx.state(model, nnx.BatchStat))
 
 
 def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
@@ -316,8 +380,11 @@ def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
     probe = _make_probe(dims, num_classes, widths, seed)
     graphdef, params = nnx.split(probe)
     steps_per_epoch = max(len(y_train) // config.probe_batch_size, 1)
-    tx = optax.adam(optax.cosine_decay_schedule(config.probe_learning_rate,
-                                                steps_per_epoch * config.probe_epochs))
+    tx = optax.adam(
+        optax.cosine_decay_schedule(
+            config.probe_learning_rate, steps_per_epoch * config.probe_epochs
+        )
+    )
     opt_state = tx.init(params)
 
     @jax.jit
@@ -327,7 +394,9 @@ def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
             total = 0.0
             for w, xw in zip(widths, xs):
                 logits = head(xw, width=w)
-                total += optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+                total += optax.softmax_cross_entropy_with_integer_labels(
+                    logits, y
+                ).mean()
             return total
 
         grads = jax.grad(loss_fn)(params)
@@ -337,8 +406,12 @@ def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
     rng = np.random.default_rng(seed)
     train_x = [standardized[w][0] for w in widths]
     for _ in range(config.probe_epochs):
-        for idx in input_pipeline.epoch_indices(len(y_train), config.probe_batch_size, rng):
-            params, opt_state = step(params, opt_state, [x[idx] for x in train_x], y_train[idx])
+        for idx in input_pipeline.epoch_indices(
+            len(y_train), config.probe_batch_size, rng
+        ):
+            params, opt_state = step(
+                params, opt_state, [x[idx] for x in train_x], y_train[idx]
+            )
     head = nnx.merge(graphdef, params)
     accuracy = {}
     for w in widths:
@@ -351,8 +424,9 @@ def _make_probe(dims, num_classes, widths, seed):
     """A SwitchableLinear whose head for ``widths[i]`` reads ``dims[i]`` features."""
     full = max(dims)
     sliced = any(d != full for d in dims)
-    probe = sl.SwitchableLinear(full, num_classes, widths, slice_input=sliced,
-                                rngs=nnx.Rngs(seed))
+    probe = sl.SwitchableLinear(
+        full, num_classes, widths, slice_input=sliced, rngs=nnx.Rngs(seed)
+    )
     expected = [sl.slim_size(full, w) if sliced else full for w in widths]
     if expected != list(dims):
         raise ValueError(f"feature sizes {dims} do not match widths {widths}.")
@@ -365,7 +439,9 @@ def probe_backbone(graphdef, params, batch_stats, data, config, widths=None):
     features = {}
     stats = batch_stats
     for w in widths:
-        tr, stats = extract_features(graphdef, params, stats, data.x_train, w, data.kind)
+        tr, stats = extract_features(
+            graphdef, params, stats, data.x_train, w, data.kind
+        )
         te, stats = extract_features(graphdef, params, stats, data.x_test, w, data.kind)
         features[w] = (tr, te)
     accuracy, _ = train_linear_probe(
@@ -397,7 +473,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     os.makedirs(workdir, exist_ok=True)
     data = input_pipeline.load(config)
-    logging.info("data: %d train / %d test (%s)", len(data.y_train), len(data.y_test), data.kind)
+    logging.info(
+        "data: %d train / %d test (%s)", len(data.y_train), len(data.y_test), data.kind
+    )
     graphdef, params, batch_stats, history = pretrain(config, data)
     accuracy, stats_after = probe_backbone(graphdef, params, batch_stats, data, config)
     unchanged = all(

@@ -90,7 +90,9 @@ def validate_widths(widths: Iterable[float], name: str = "widths") -> tuple[floa
         raise ValueError(f"{name} must be a non-empty sequence of widths in (0, 1].")
     for w in widths:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < w <= 1.0:
-            raise ValueError(f"{name} must hold Python floats in (0, 1], got {widths!r}.")
+            raise ValueError(
+                f"{name} must hold Python floats in (0, 1], got {widths!r}."
+            )
     widths = tuple(float(w) for w in widths)
     if len(set(widths)) != len(widths):
         raise ValueError(f"{name} must be distinct, got {widths!r}.")
@@ -173,8 +175,14 @@ class SlimmableLinear(nnx.Module):
 
     def sizes(self, width: float) -> tuple[int, int]:
         """``(input, output)`` sizes used at ``width``."""
-        n_in = slim_size(self.in_features, width) if self.slice_input else self.in_features
-        n_out = slim_size(self.out_features, width) if self.slice_output else self.out_features
+        n_in = (
+            slim_size(self.in_features, width) if self.slice_input else self.in_features
+        )
+        n_out = (
+            slim_size(self.out_features, width)
+            if self.slice_output
+            else self.out_features
+        )
         return n_in, n_out
 
     def __call__(self, x: Array, width: float = 1.0) -> Array:
@@ -196,7 +204,9 @@ class SlimmableLinear(nnx.Module):
 def _conv_dimension_numbers(num_spatial: int):
     spatial = "DHW"[-num_spatial:] if num_spatial <= 3 else None
     if spatial is None:
-        raise ValueError(f"SlimmableConv supports 1 to 3 spatial dims, got {num_spatial}.")
+        raise ValueError(
+            f"SlimmableConv supports 1 to 3 spatial dims, got {num_spatial}."
+        )
     return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
 
 
@@ -274,7 +284,9 @@ class SlimmableConv(nnx.Module):
         self.use_bias = use_bias
         self.dtype = dtype
         self.kernel = nnx.Param(
-            kernel_init(rngs.params(), kernel_size + (in_features, out_features), param_dtype),
+            kernel_init(
+                rngs.params(), kernel_size + (in_features, out_features), param_dtype
+            ),
             slim_axes=_slim_axes((nd, slice_input), (nd + 1, slice_output)),
         )
         if use_bias:
@@ -287,8 +299,14 @@ class SlimmableConv(nnx.Module):
 
     def sizes(self, width: float) -> tuple[int, int]:
         """``(input, output)`` channels used at ``width``."""
-        n_in = slim_size(self.in_features, width) if self.slice_input else self.in_features
-        n_out = slim_size(self.out_features, width) if self.slice_output else self.out_features
+        n_in = (
+            slim_size(self.in_features, width) if self.slice_input else self.in_features
+        )
+        n_out = (
+            slim_size(self.out_features, width)
+            if self.slice_output
+            else self.out_features
+        )
         return n_in, n_out
 
     def __call__(self, x: Array, width: float = 1.0) -> Array:
@@ -433,7 +451,9 @@ class SwitchableBatchNorm(_Switchable):
         """
         width = validate_widths((width,), "width")[0]
         if width in self.widths:
-            raise ValueError(f"width {width} already has a normalization: {self.widths}.")
+            raise ValueError(
+                f"width {width} already has a normalization: {self.widths}."
+            )
         wider = [w for w in self.widths if w >= width]
         source = self.norm(min(wider) if wider else max(self.widths))
         new = self._make_norm(width, rngs=nnx.Rngs(0))

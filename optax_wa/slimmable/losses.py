@@ -21,7 +21,14 @@ _MASKED = -1e30
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-    """``x / max(||x||, eps)`` along ``axis`` in float32 (finite at zero)."""
+    """``x / max(||x||, eps)`` along ``axis`` in float32 (finite at zero).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa.slimmable import l2_normalize
+      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]])).tolist()
+      [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
     x = jnp.asarray(x, jnp.float32)
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
@@ -121,7 +128,9 @@ def nt_xent(z1: Array, z2: Array, temperature: float = 0.1) -> tuple[Array, Arra
     """
     _check_temperature(temperature)
     if z1.shape != z2.shape:
-        raise ValueError(f"nt_xent: z1 {z1.shape} and z2 {z2.shape} must have equal shapes.")
+        raise ValueError(
+            f"nt_xent: z1 {z1.shape} and z2 {z2.shape} must have equal shapes."
+        )
     n = z1.shape[0]
     z = jnp.concatenate([l2_normalize(z1), l2_normalize(z2)], axis=0)
     sim = z @ z.T
@@ -254,7 +263,11 @@ def _row_kl_fwd(s, t, temperature):
 def _row_kl_bwd(residuals, g):
     p, q, temperature = residuals
     # d KL / d s = (q - p) / T; the teacher and the temperature get no gradient.
-    return g[..., None] * (q - p) / temperature, jnp.zeros_like(p), jnp.zeros_like(temperature)
+    return (
+        g[..., None] * (q - p) / temperature,
+        jnp.zeros_like(p),
+        jnp.zeros_like(temperature),
+    )
 
 
 _row_kl.defvjp(_row_kl_fwd, _row_kl_bwd)

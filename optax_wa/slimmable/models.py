@@ -17,6 +17,7 @@ Linear``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,6 +50,14 @@ class SlimmableProjectionHead(nnx.Module):
       batch_norm: add a :class:`SwitchableBatchNorm` after the hidden layer
         (SimCLR's head); without it this is MoCo v2's head.
       rngs: the random generators.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from optax_wa.slimmable import SlimmableProjectionHead
+      >>> head = SlimmableProjectionHead(8, 8, 3, (1.0, 0.5), rngs=nnx.Rngs(0))
+      >>> head(jnp.ones((2, 4)), width=0.5).shape
+      (2, 3)
     """
 
     def __init__(
@@ -63,7 +72,10 @@ class SlimmableProjectionHead(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.fc1 = SlimmableLinear(
-            in_features, hidden_features, slice_input=slice_input, use_bias=not batch_norm,
+            in_features,
+            hidden_features,
+            slice_input=slice_input,
+            use_bias=not batch_norm,
             rngs=rngs,
         )
         self.norm = (
@@ -71,7 +83,9 @@ class SlimmableProjectionHead(nnx.Module):
             if batch_norm
             else nnx.data(None)
         )
-        self.fc2 = SlimmableLinear(hidden_features, out_features, slice_output=False, rngs=rngs)
+        self.fc2 = SlimmableLinear(
+            hidden_features, out_features, slice_output=False, rngs=rngs
+        )
 
     def __call__(self, x, width: float = 1.0, use_running_average: bool | None = None):
         h = self.fc1(x, width)
@@ -90,7 +104,11 @@ class _Encoder(nnx.Module):
 
     def feature_dim(self, width: float) -> int:
         """Size of the width-``width`` representation returned by ``features``."""
-        return slim_size(self.num_features, width) if self.features_sliced else self.num_features
+        return (
+            slim_size(self.num_features, width)
+            if self.features_sliced
+            else self.num_features
+        )
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
         raise NotImplementedError
@@ -118,7 +136,11 @@ class _Encoder(nnx.Module):
 class _DenseBlock(nnx.Module):
     def __init__(self, in_features, out_features, widths, *, slice_input, rngs):
         self.linear = SlimmableLinear(
-            in_features, out_features, slice_input=slice_input, use_bias=False, rngs=rngs
+            in_features,
+            out_features,
+            slice_input=slice_input,
+            use_bias=False,
+            rngs=rngs,
         )
         self.norm = SwitchableBatchNorm(out_features, widths, rngs=rngs)
 
@@ -168,7 +190,9 @@ class SlimmableMLP(_Encoder):
         sizes = (in_features, *hidden_features)
         self.blocks = nnx.List(
             [
-                _DenseBlock(sizes[i], sizes[i + 1], self.widths, slice_input=i > 0, rngs=rngs)
+                _DenseBlock(
+                    sizes[i], sizes[i + 1], self.widths, slice_input=i > 0, rngs=rngs
+                )
                 for i in range(len(hidden_features))
             ]
         )
@@ -182,7 +206,17 @@ class SlimmableMLP(_Encoder):
 
 
 class _ConvBlock(nnx.Module):
-    def __init__(self, in_features, out_features, kernel_size, stride, widths, *, slice_input, rngs):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        kernel_size,
+        stride,
+        widths,
+        *,
+        slice_input,
+        rngs,
+    ):
         self.conv = SlimmableConv(
             in_features,
             out_features,
@@ -252,8 +286,13 @@ class SlimmableCNN1D(_Encoder):
         self.blocks = nnx.List(
             [
                 _ConvBlock(
-                    sizes[i], sizes[i + 1], kernel_size, strides[i], self.widths,
-                    slice_input=i > 0, rngs=rngs,
+                    sizes[i],
+                    sizes[i + 1],
+                    kernel_size,
+                    strides[i],
+                    self.widths,
+                    slice_input=i > 0,
+                    rngs=rngs,
                 )
                 for i in range(len(channels))
             ]
@@ -277,7 +316,9 @@ class BasicBlock(nnx.Module):
     def __init__(self, in_features, features, stride, widths, *, rngs):
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
-        self.conv1 = SlimmableConv(in_features, features, (3, 3), strides=stride, **conv)
+        self.conv1 = SlimmableConv(
+            in_features, features, (3, 3), strides=stride, **conv
+        )
         self.bn1 = SwitchableBatchNorm(features, widths, rngs=rngs)
         self.conv2 = SlimmableConv(features, out, (3, 3), **conv)
         self.bn2 = SwitchableBatchNorm(out, widths, scale_init=zeros_init, rngs=rngs)
@@ -379,13 +420,25 @@ class SlimmableResNet(_Encoder):
         block_cls = _BLOCKS[block]
         if stem == "cifar":
             self.conv_stem = SlimmableConv(
-                in_channels, num_filters, (3, 3), slice_input=False, use_bias=False,
-                kernel_init=_conv_init, rngs=rngs,
+                in_channels,
+                num_filters,
+                (3, 3),
+                slice_input=False,
+                use_bias=False,
+                kernel_init=_conv_init,
+                rngs=rngs,
             )
         else:
             self.conv_stem = SlimmableConv(
-                in_channels, num_filters, (7, 7), strides=2, padding=((3, 3), (3, 3)),
-                slice_input=False, use_bias=False, kernel_init=_conv_init, rngs=rngs,
+                in_channels,
+                num_filters,
+                (7, 7),
+                strides=2,
+                padding=((3, 3), (3, 3)),
+                slice_input=False,
+                use_bias=False,
+                kernel_init=_conv_init,
+                rngs=rngs,
             )
         self.bn_stem = SwitchableBatchNorm(num_filters, self.widths, rngs=rngs)
         blocks = []
@@ -394,14 +447,18 @@ class SlimmableResNet(_Encoder):
             features = num_filters * 2**stage
             for i in range(num_blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(block_cls(in_features, features, stride, self.widths, rngs=rngs))
+                blocks.append(
+                    block_cls(in_features, features, stride, self.widths, rngs=rngs)
+                )
                 in_features = features * block_cls.expansion
         self.blocks = nnx.List(blocks)
         self.num_features = in_features
         self.head = self._make_head(projection_dim, head_hidden, head_batch_norm, rngs)
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
-        x = jax.nn.relu(self.bn_stem(self.conv_stem(x, width), width, use_running_average))
+        x = jax.nn.relu(
+            self.bn_stem(self.conv_stem(x, width), width, use_running_average)
+        )
         if self.stem == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
@@ -410,22 +467,58 @@ class SlimmableResNet(_Encoder):
 
 
 def slimmable_resnet18_cifar(
-    widths: Sequence[float], *, projection_dim: int | None = 128, rngs: nnx.Rngs, **kwargs
+    widths: Sequence[float],
+    *,
+    projection_dim: int | None = 128,
+    rngs: nnx.Rngs,
+    **kwargs,
 ) -> SlimmableResNet:
-    """ResNet-18 with the CIFAR stem (3x3 conv, no pooling), 512 features."""
+    """ResNet-18 with the CIFAR stem (3x3 conv, no pooling), 512 features.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from optax_wa.slimmable import slimmable_resnet18_cifar
+      >>> model = nnx.eval_shape(lambda: slimmable_resnet18_cifar(
+      ...     (1.0, 0.25), rngs=nnx.Rngs(0)))
+      >>> model.feature_dim(1.0), model.feature_dim(0.25)
+      (512, 128)
+    """
     return SlimmableResNet(
-        (2, 2, 2, 2), widths, block="basic", stem="cifar", projection_dim=projection_dim,
-        rngs=rngs, **kwargs,
+        (2, 2, 2, 2),
+        widths,
+        block="basic",
+        stem="cifar",
+        projection_dim=projection_dim,
+        rngs=rngs,
+        **kwargs,
     )
 
 
 def slimmable_resnet50(
-    widths: Sequence[float], *, projection_dim: int | None = 128, rngs: nnx.Rngs, **kwargs
+    widths: Sequence[float],
+    *,
+    projection_dim: int | None = 128,
+    rngs: nnx.Rngs,
+    **kwargs,
 ) -> SlimmableResNet:
-    """ResNet-50 with the ImageNet stem, 2048 features (SlimCLR's backbone)."""
+    """ResNet-50 with the ImageNet stem, 2048 features (SlimCLR's backbone).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from optax_wa.slimmable import slimmable_resnet50
+      >>> model = nnx.eval_shape(lambda: slimmable_resnet50(
+      ...     (1.0, 0.75, 0.5, 0.25), rngs=nnx.Rngs(0)))
+      >>> [model.feature_dim(w) for w in model.widths]
+      [2048, 1536, 1024, 512]
+    """
     return SlimmableResNet(
-        (3, 4, 6, 3), widths, block="bottleneck", stem="imagenet",
-        projection_dim=projection_dim, rngs=rngs, **kwargs,
+        (3, 4, 6, 3),
+        widths,
+        block="bottleneck",
+        stem="imagenet",
+        projection_dim=projection_dim,
+        rngs=rngs,
+        **kwargs,
     )
 
 
@@ -450,9 +543,19 @@ class SlimmableAttention(nnx.Module):
       num_heads: the full number of heads.
       head_dim: per-head dimension (default ``embed_dim // num_heads``).
       rngs: the random generators.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from optax_wa.slimmable import SlimmableAttention
+      >>> attn = SlimmableAttention(8, 4, rngs=nnx.Rngs(0))
+      >>> attn(jnp.ones((2, 5, 8)), width=0.5).shape
+      (2, 5, 8)
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, head_dim: int | None = None, rngs):
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, head_dim: int | None = None, rngs
+    ):
         head_dim = head_dim or embed_dim // num_heads
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -468,7 +571,9 @@ class SlimmableAttention(nnx.Module):
                 name + "_bias",
                 nnx.Param(jnp.zeros((num_heads, head_dim)), slim_axes=(0,)),
             )
-        self.out = nnx.Param(_out_init(rngs.params(), (num_heads, head_dim, embed_dim)), slim_axes=(0,))
+        self.out = nnx.Param(
+            _out_init(rngs.params(), (num_heads, head_dim, embed_dim)), slim_axes=(0,)
+        )
         self.out_bias = nnx.Param(jnp.zeros((embed_dim,)))
 
     def __call__(self, x, width: float = 1.0):
@@ -491,7 +596,9 @@ class SlimmableAttention(nnx.Module):
 class _ViTBlock(nnx.Module):
     def __init__(self, embed_dim, num_heads, mlp_dim, widths, *, head_dim, rngs):
         self.ln1 = SwitchableLayerNorm(embed_dim, widths, sliced=False, rngs=rngs)
-        self.attn = SlimmableAttention(embed_dim, num_heads, head_dim=head_dim, rngs=rngs)
+        self.attn = SlimmableAttention(
+            embed_dim, num_heads, head_dim=head_dim, rngs=rngs
+        )
         self.ln2 = SwitchableLayerNorm(embed_dim, widths, sliced=False, rngs=rngs)
         self.fc1 = SlimmableLinear(embed_dim, mlp_dim, slice_input=False, rngs=rngs)
         self.fc2 = SlimmableLinear(mlp_dim, embed_dim, slice_output=False, rngs=rngs)
@@ -561,9 +668,14 @@ class SlimmableViT(_Encoder):
             )
         self.widths = validate_widths(widths)
         self.patch_embed = SlimmableConv(
-            in_channels, embed_dim, (patch_size, patch_size), strides=patch_size,
+            in_channels,
+            embed_dim,
+            (patch_size, patch_size),
+            strides=patch_size,
             padding="VALID",
-            slice_input=False, slice_output=False, rngs=rngs,
+            slice_input=False,
+            slice_output=False,
+            rngs=rngs,
         )
         num_patches = (image_size // patch_size) ** 2
         self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim)))
@@ -572,7 +684,14 @@ class SlimmableViT(_Encoder):
         )
         self.blocks = nnx.List(
             [
-                _ViTBlock(embed_dim, num_heads, mlp_dim, self.widths, head_dim=head_dim, rngs=rngs)
+                _ViTBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_dim,
+                    self.widths,
+                    head_dim=head_dim,
+                    rngs=rngs,
+                )
                 for _ in range(depth)
             ]
         )
@@ -590,4 +709,3 @@ class SlimmableViT(_Encoder):
         for block in self.blocks:
             x = block(x, width)
         return self.norm(x[:, 0], width)
-

@@ -38,7 +38,9 @@ PyTree = Any
 LOSS_WEIGHT_MODES = (0, 1, 2, 3, 5, 6, 7)
 
 
-def _validate_decreasing(widths: Sequence[float], name: str = "widths") -> tuple[float, ...]:
+def _validate_decreasing(
+    widths: Sequence[float], name: str = "widths"
+) -> tuple[float, ...]:
     widths = validate_widths(widths, name)
     if any(a <= b for a, b in zip(widths, widths[1:])):
         raise ValueError(
@@ -145,7 +147,11 @@ def slow_start_schedule(
       ([1.0, 0.0, 0.0, 0.0], [1.5, 0.5, 0.0, 0.5])
     """
     widths = _validate_decreasing(widths)
-    if isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0:
+    if (
+        isinstance(switch_step, bool)
+        or not isinstance(switch_step, int)
+        or switch_step < 0
+    ):
         raise ValueError(f"switch_step must be an int >= 0, got {switch_step!r}.")
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight!r}.")
@@ -296,6 +302,13 @@ def slim_axes_spec(model: nnx.Module, variables: Any = nnx.Param) -> PyTree:
       A :class:`flax.nnx.State` of :class:`SlicedAxes` leaves (empty axes for
       parameters that are not sliced) with the structure of
       ``nnx.as_pure(nnx.state(model, variables))``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from optax_wa.slimmable import SlimmableLinear, slim_axes_spec
+      >>> layer = SlimmableLinear(4, 2, slice_input=False, rngs=nnx.Rngs(0))
+      >>> slim_axes_spec(layer)["kernel"]
+      SlicedAxes(axes=(1,))
     """
     state = nnx.state(model, variables)
     return jax.tree.map(
@@ -388,7 +401,11 @@ def freeze_until(
       Self-supervised Learning <https://arxiv.org/abs/2209.15525>`_, IJCV 2024
       (slow start).
     """
-    if isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0:
+    if (
+        isinstance(switch_step, bool)
+        or not isinstance(switch_step, int)
+        or switch_step < 0
+    ):
         raise ValueError(f"switch_step must be an int >= 0, got {switch_step!r}.")
     if inner is not None:
         inner = optax.with_extra_args_support(inner)
@@ -404,7 +421,9 @@ def freeze_until(
         frozen = state.count < switch_step
         leaf_mask = resolve(params if params is not None else updates)
         if inner is not None:
-            updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+            updates, new_inner = inner.update(
+                updates, state.inner_state, params, **extra_args
+            )
             state_mask = optax.tree_map_params(
                 inner,
                 lambda _, m: m,
@@ -538,7 +557,9 @@ def slimmable_grad_stats(
             outside = jnp.sum(jnp.where(block, 0.0, sq))
             safe = jnp.where(inside > 0, inside, 1.0)
             ratios[name] = jnp.where(inside > 0, jnp.sqrt(outside / safe), 0.0)
-        mean = sum(ratios.values()) / len(ratios) if ratios else jnp.zeros([], jnp.float32)
+        mean = (
+            sum(ratios.values()) / len(ratios) if ratios else jnp.zeros([], jnp.float32)
+        )
         return updates, SlimmableGradStatsState(ratios, jnp.asarray(mean, jnp.float32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -582,6 +603,11 @@ def moco_momentum(step, total_steps: int, base_momentum: float = 0.99) -> jax.Ar
       m_t = 1 - \tfrac{1}{2}\big(1 + \cos(\pi t / T)\big)(1 - m_0)
 
     rising from :math:`m_0` to 1.
+
+    Examples:
+      >>> from optax_wa.slimmable import moco_momentum
+      >>> round(float(moco_momentum(50, 100, base_momentum=0.99)), 4)
+      0.995
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps!r}.")
@@ -602,7 +628,14 @@ class MoCoQueue(NamedTuple):
 
 
 def init_queue(rng: jax.Array, size: int, dim: int) -> MoCoQueue:
-    """A queue of ``size`` random unit keys of dimension ``dim``."""
+    """A queue of ``size`` random unit keys of dimension ``dim``.
+
+    Examples:
+      >>> import jax
+      >>> from optax_wa.slimmable import init_queue
+      >>> init_queue(jax.random.key(0), 8, 4).keys.shape
+      (8, 4)
+    """
     if size < 1 or dim < 1:
         raise ValueError(f"size and dim must be >= 1, got size={size!r}, dim={dim!r}.")
     keys = l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
@@ -613,10 +646,19 @@ def enqueue(queue: MoCoQueue, keys: jax.Array) -> MoCoQueue:
     """Replaces the oldest ``len(keys)`` entries with the normalized ``keys``.
 
     The queue size must be a multiple of the batch size (as in MoCo).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from optax_wa.slimmable import enqueue, init_queue
+      >>> queue = enqueue(init_queue(jax.random.key(0), 4, 2), jnp.array([[3.0, 4.0]]))
+      >>> queue.keys[0].tolist(), int(queue.ptr)
+      ([0.6000000238418579, 0.800000011920929], 1)
     """
     size, n = queue.keys.shape[0], keys.shape[0]
     if size % n:
-        raise ValueError(f"the queue size ({size}) must be a multiple of the batch size ({n}).")
+        raise ValueError(
+            f"the queue size ({size}) must be a multiple of the batch size ({n})."
+        )
     new = jax.lax.stop_gradient(l2_normalize(keys)).astype(queue.keys.dtype)
     updated = jax.lax.dynamic_update_slice(queue.keys, new, (queue.ptr, jnp.int32(0)))
     return MoCoQueue(updated, ((queue.ptr + n) % size).astype(jnp.int32))

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Per-member augmentation policies, cycled over members
     # (crop_flip | autoaugment | randaugment; see examples/common/augment.py).
     config.member_augment = ("crop_flip", "autoaugment", "randaugment")
+    config.random_flip = True  # the horizontal flip of every policy
 
     # Model.
     config.model = ml_collections.ConfigDict()
@@ -50,8 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999
     config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
-    config.lookahead = ml_collections.ConfigDict(dict(sync_period=5, slow_step_size=0.5))
-    config.lookaround = ml_collections.ConfigDict(dict(sync_period=5, state_policy="keep"))
+    config.lookahead = ml_collections.ConfigDict(
+        dict(sync_period=5, slow_step_size=0.5)
+    )
+    config.lookaround = ml_collections.ConfigDict(
+        dict(sync_period=5, state_policy="keep")
+    )
     config.papa = ml_collections.ConfigDict(dict(alpha=0.99, period=10, lr_scaled=True))
     config.wash = ml_collections.ConfigDict(
         dict(shuffle_prob=0.01, layer_probs="linear", shuffle_opt_state=False)

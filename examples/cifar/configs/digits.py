@@ -17,14 +17,15 @@ def get_config():
     config.image_mean = (0.2, 0.2, 0.2)
     config.image_std = (0.35, 0.35, 0.35)
     config.worker_count = 0
+    config.random_flip = False  # a mirrored digit is another glyph
     config.model.kwargs.stage_sizes = (1, 1, 1)
     config.model.kwargs.widths = (8, 16, 32)
     config.batch_size = 64
     config.eval_batch_size = 120
     config.num_epochs = 10
-    config.optimizer.learning_rate = 0.05
+    config.optimizer.learning_rate = 0.1
     config.recalibration_batches = 4
     config.log_every_steps = 20
-    config.eval_every_steps = 110
-    config.checkpoint_every_steps = 110
+    config.eval_every_steps = 112  # about every 5 epochs (1437 records, 64 per step)
+    config.checkpoint_every_steps = 112
     return config

@@ -12,8 +12,8 @@ from examples.cifar.configs import default
 def get_config():
     config = default.get_config()
     config.worker_count = 0
-    config.model.kwargs.stage_sizes = (1, 1)
-    config.model.kwargs.widths = (4, 8)
+    config.model.kwargs.stage_sizes = (1,)  # one basic block of 4 channels
+    config.model.kwargs.widths = (4,)
     config.num_members = 2
     config.batch_size = 8
     config.eval_batch_size = 8
