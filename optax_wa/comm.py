@@ -41,6 +41,11 @@ _DTYPE_BYTES = {
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*|f4\w*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(
+    r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+    r"|branch_computations=\{([^}]*)\}"
+)
 
 
 def _array_bytes(text: str) -> int:
@@ -99,7 +104,36 @@ def _hlo_text(compiled: Any) -> str:
     )
 
 
-def collective_bytes(compiled: Any, *, by_kind: bool = False) -> int | dict[str, int]:
+def _loop_computations(text: str) -> set[str]:
+    """Names of the computations that run inside a ``while`` loop."""
+    calls: dict[str, set[str]] = {}
+    roots: set[str] = set()
+    current = None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header["name"]
+            calls.setdefault(current, set())
+            continue
+        if current is None:
+            continue
+        for single, several in _CALLED.findall(line):
+            names = [single] if single else re.findall(r"%?([\w.\-]+)", several)
+            calls[current].update(names)
+        if " while(" in line:
+            roots |= set(re.findall(r"(?:body|condition)=%?([\w.\-]+)", line))
+    inside, stack = set(), list(roots)
+    while stack:
+        name = stack.pop()
+        if name not in inside:
+            inside.add(name)
+            stack.extend(calls.get(name, ()))
+    return inside
+
+
+def collective_bytes(
+    compiled: Any, *, by_kind: bool = False, in_loops: bool = True
+) -> int | dict[str, int]:
     r"""Bytes carried by the collectives of a compiled computation, per device.
 
     Reads the optimized HLO and, for every ``all-reduce``, ``all-gather``,
@@ -116,14 +150,17 @@ def collective_bytes(compiled: Any, *, by_kind: bool = False) -> int | dict[str,
     twice its payload, an all-gather or all-to-all among :math:`D` devices
     :math:`(D - 1)/D` of it.
 
-    Each instruction counts once: collectives inside a loop body or a
-    conditional branch count as if executed once (a ``lax.cond`` sync step
-    counts one sync; a ``while`` body counts one iteration).
+    Each instruction counts once: collectives in a conditional branch count
+    as if that branch ran (a ``lax.cond`` sync step counts one sync), and
+    those in a ``while`` body as one iteration, or not at all with
+    ``in_loops=False`` (for loops that usually run zero times, such as the
+    rare extra rounds of :func:`optax_wa.wash`).
 
     Args:
       compiled: ``jax.jit(f).lower(*args).compile()``, or HLO text.
       by_kind: if True, return ``{kind: bytes}`` for the five kinds instead of
         the total.
+      in_loops: whether to count collectives inside ``while`` loops.
 
     Returns:
       The total payload in bytes, or the per-kind dictionary.
@@ -139,9 +176,15 @@ def collective_bytes(compiled: Any, *, by_kind: bool = False) -> int | dict[str,
       384
     """
     text = _hlo_text(compiled)
+    skipped = set() if in_loops else _loop_computations(text)
     shapes: dict[str, str] = {}
     found: list[tuple[str, str, str, bool]] = []
+    current = None
     for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header["name"]
+            continue
         match = _INSTRUCTION.match(line)
         if not match:
             continue
@@ -150,7 +193,7 @@ def collective_bytes(compiled: Any, *, by_kind: bool = False) -> int | dict[str,
         opcode = remainder.split("(", 1)[0].strip()
         is_start = opcode.endswith("-start")
         kind = opcode[: -len("-start")] if is_start else opcode
-        if kind in COLLECTIVE_KINDS:
+        if kind in COLLECTIVE_KINDS and current not in skipped:
             found.append((kind, shape, _operands(remainder), is_start))
 
     totals = dict.fromkeys(COLLECTIVE_KINDS, 0)

@@ -183,7 +183,9 @@ class PermutationSpec:
             if isinstance(leaf, tuple):
                 leaf = "/".join(str(k) for k in leaf)
             if not isinstance(leaf, str):
-                raise TypeError(f"PermutationSpec: leaf paths must be str, got {leaf!r}.")
+                raise TypeError(
+                    f"PermutationSpec: leaf paths must be str, got {leaf!r}."
+                )
             if isinstance(groups, str) or not isinstance(groups, Sequence):
                 raise TypeError(
                     f"PermutationSpec: leaf {leaf!r} needs a tuple with one group "
@@ -257,7 +259,9 @@ def validate(spec: PermutationSpec, tree: PyTree) -> dict[str, int]:
       ValueError: naming the leaf and axis at fault.
     """
     if not isinstance(spec, PermutationSpec):
-        raise TypeError(f"validate: expected a PermutationSpec, got {type(spec).__name__}.")
+        raise TypeError(
+            f"validate: expected a PermutationSpec, got {type(spec).__name__}."
+        )
     axes = spec.leaf_axes
     sizes: dict[str, int] = {}
     source: dict[str, tuple[str, int]] = {}
@@ -290,9 +294,13 @@ def validate(spec: PermutationSpec, tree: PyTree) -> dict[str, int]:
     return {g: sizes[g] for g in sorted(sizes)}
 
 
-def _check_perms(spec: PermutationSpec, perms: Mapping[str, Any], sizes: Mapping[str, int]):
+def _check_perms(
+    spec: PermutationSpec, perms: Mapping[str, Any], sizes: Mapping[str, int]
+):
     if not isinstance(perms, Mapping):
-        raise TypeError(f"perms must be a dict {{group: indices}}, got {type(perms).__name__}.")
+        raise TypeError(
+            f"perms must be a dict {{group: indices}}, got {type(perms).__name__}."
+        )
     unknown = sorted(set(perms) - set(spec.groups))
     if unknown:
         raise ValueError(f"perms names groups that are not in the spec: {unknown}.")
@@ -350,7 +358,9 @@ def _permute_leaf(leaf, x, entry, perms):
     return _permute_view(view, groups, perms).reshape(x.shape)
 
 
-def apply_permutation(spec: PermutationSpec, perms: Mapping[str, Any], tree: PyTree) -> PyTree:
+def apply_permutation(
+    spec: PermutationSpec, perms: Mapping[str, Any], tree: PyTree
+) -> PyTree:
     r"""Permutes every leaf of ``tree`` along the axes the spec assigns.
 
     .. math::
@@ -384,6 +394,7 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, Any], tree: PyT
     sizes = validate(spec, tree)
     _check_perms(spec, perms, sizes)
     axes = spec.leaf_axes
+
     def permute(path, x):
         leaf = _path_str(path)
         return _permute_leaf(leaf, jnp.asarray(x), axes[leaf], perms)
@@ -557,7 +568,10 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
             if leaf not in a_stack:
                 continue
             if sum(x is not None for x in stacked_groups[leaf]) == 1:
-                constant[g] += rows(a_stack[leaf], axis + 1, n) @ rows(b_stack[leaf], axis + 1, n).T
+                constant[g] += (
+                    rows(a_stack[leaf], axis + 1, n)
+                    @ rows(b_stack[leaf], axis + 1, n).T
+                )
             else:
                 varying[g].append((leaf, axis + 1))
 
@@ -566,7 +580,9 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
             sum(
                 np.vdot(
                     a_stack[leaf],
-                    _permute_view(b_stack[leaf], stacked_groups[leaf], perms, take=np.take),
+                    _permute_view(
+                        b_stack[leaf], stacked_groups[leaf], perms, take=np.take
+                    ),
                 )
                 for leaf in leaves
             )
@@ -587,7 +603,11 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
                 scores = constant[g].copy()
                 for leaf, axis in varying[g]:
                     wb = _permute_view(
-                        b_stack[leaf], stacked_groups[leaf], perms, except_axis=axis, take=np.take
+                        b_stack[leaf],
+                        stacked_groups[leaf],
+                        perms,
+                        except_axis=axis,
+                        take=np.take,
                     )
                     scores += rows(a_stack[leaf], axis, n) @ rows(wb, axis, n).T
                 index = np.arange(n)
@@ -619,7 +639,9 @@ def _coordinate_descent(spec, np_pairs, sizes, init_perms, *, solver, max_sweeps
             other = descend(identity)
             if other.objectives[-1] > result.objectives[-1]:
                 result = other
-    return result._replace(perms={g: jnp.asarray(p, jnp.int32) for g, p in result.perms.items()})
+    return result._replace(
+        perms={g: jnp.asarray(p, jnp.int32) for g, p in result.perms.items()}
+    )
 
 
 def gradient_matching(
@@ -687,7 +709,13 @@ def gradient_matching(
     _check_matching_args(solver, max_sweeps)
     np_pairs, sizes = _to_numpy_pairs(spec, pairs)
     return _coordinate_descent(
-        spec, np_pairs, sizes, init_perms, solver=solver, max_sweeps=max_sweeps, seed=seed
+        spec,
+        np_pairs,
+        sizes,
+        init_perms,
+        solver=solver,
+        max_sweeps=max_sweeps,
+        seed=seed,
     )
 
 
@@ -741,12 +769,19 @@ def weight_matching(
       Permutation Symmetries <https://arxiv.org/abs/2209.04836>`_, ICLR 2023
     """
     return gradient_matching(
-        spec, [(a, b)], solver=solver, max_sweeps=max_sweeps, seed=seed, init_perms=init_perms
+        spec,
+        [(a, b)],
+        solver=solver,
+        max_sweeps=max_sweeps,
+        seed=seed,
+        init_perms=init_perms,
     )
 
 
 def matching_objective(
-    spec: PermutationSpec, perms: Mapping[str, Any], pairs: Sequence[tuple[PyTree, PyTree]]
+    spec: PermutationSpec,
+    perms: Mapping[str, Any],
+    pairs: Sequence[tuple[PyTree, PyTree]],
 ) -> float:
     r""":math:`\sum_k \langle a_k, \pi(b_k) \rangle` in float64."""
     np_pairs, sizes = _to_numpy_pairs(spec, pairs)
@@ -772,7 +807,8 @@ def _as_tree(model_or_tree) -> _Tree:
         state = nnx.state(model_or_tree, nnx.Any(nnx.Param, nnx.BatchStat))
         stats = nnx.state(model_or_tree, nnx.BatchStat)
         modules = {
-            "/".join(str(k) for k in path): m for path, m in nnx.iter_modules(model_or_tree)
+            "/".join(str(k) for k in path): m
+            for path, m in nnx.iter_modules(model_or_tree)
         }
         return _Tree(state.to_pure_dict(), frozenset(_named_leaves(stats)), modules)
     if isinstance(model_or_tree, nnx.State):
@@ -848,7 +884,11 @@ def _layer_kind(tree: _Tree, path: str) -> str:
             "nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm."
         )
     node = _subtree(tree, path)
-    if isinstance(node, Mapping) and "kernel" in node and not isinstance(node["kernel"], Mapping):
+    if (
+        isinstance(node, Mapping)
+        and "kernel" in node
+        and not isinstance(node["kernel"], Mapping)
+    ):
         return "linear" if np.ndim(node["kernel"]) == 2 else "conv"
     if (
         isinstance(node, Mapping)
@@ -944,7 +984,9 @@ class _Builder:
                         "shortcut needs equal widths; list the projection layers)."
                     )
                 self.sizes[out] = n_out
-            self.set(_join(p, "kernel"), (None,) * (np.ndim(kernel) - 2) + (current, out))
+            self.set(
+                _join(p, "kernel"), (None,) * (np.ndim(kernel) - 2) + (current, out)
+            )
             if "bias" in node:
                 self.set(_join(p, "bias"), (out,))
             current, previous, width = out, f"layer {p!r}", n_out
@@ -956,18 +998,25 @@ class _Builder:
         return spec
 
 
-def _layer_list(builder: _Builder, layers, kinds: tuple[str, ...], fn: str) -> list[str]:
+def _layer_list(
+    builder: _Builder, layers, kinds: tuple[str, ...], fn: str
+) -> list[str]:
     if layers is None:
         layers = _discover_layers(builder.tree)
         if not layers:
             raise ValueError(f"{fn}: found no layers in the model.")
     elif isinstance(layers, str):
         raise TypeError(f"{fn}: layers must be a sequence of paths, not a str.")
-    layers = [_join(str(p)) if not isinstance(p, tuple) else _join(*map(str, p)) for p in layers]
+    layers = [
+        _join(str(p)) if not isinstance(p, tuple) else _join(*map(str, p))
+        for p in layers
+    ]
     for p in layers:
         kind = _layer_kind(builder.tree, p)
         if kind not in kinds:
-            raise ValueError(f"{fn}: layer {p!r} is a {kind} layer; this builder takes {kinds}.")
+            raise ValueError(
+                f"{fn}: layer {p!r} is a {kind} layer; this builder takes {kinds}."
+            )
     return layers
 
 
@@ -1077,7 +1126,9 @@ def resnet_spec(
     num_streams = 0
     stream = builder.chain(stem, None, "residual/0", what="resnet_spec stem")
     for k, stage in enumerate(stages):
-        blocks = _children(builder.tree, stage) if isinstance(stage, str) else list(stage)
+        blocks = (
+            _children(builder.tree, stage) if isinstance(stage, str) else list(stage)
+        )
         if not blocks:
             raise ValueError(f"resnet_spec: stage {k} has no blocks.")
         for b in blocks:
@@ -1099,8 +1150,12 @@ def resnet_spec(
             if present:
                 num_streams += 1
                 out = f"residual/{num_streams}"
-                builder.chain([_join(b, s) for s in shortcut], stream, out, what=f"block {b!r}")
-            builder.chain([_join(b, s) for s in block], stream, out, what=f"block {b!r}")
+                builder.chain(
+                    [_join(b, s) for s in shortcut], stream, out, what=f"block {b!r}"
+                )
+            builder.chain(
+                [_join(b, s) for s in block], stream, out, what=f"block {b!r}"
+            )
             stream = out
     builder.chain(head, stream, None, what="resnet_spec head")
     return builder.build()
@@ -1178,7 +1233,9 @@ def vit_block_spec(
                 "nnx.MultiHeadAttention (query, key, value, out) nor a fused "
                 f"attention (qkv, out); its keys are {sorted(keys)}."
             )
-        builder.chain([_join(b, m) for m in _paths(mlp, "mlp")], None, None, what=f"block {b!r}")
+        builder.chain(
+            [_join(b, m) for m in _paths(mlp, "mlp")], None, None, what=f"block {b!r}"
+        )
     return builder.build()
 
 
@@ -1209,7 +1266,9 @@ def _attention_heads(builder: _Builder, attn: str, node, permute_head_dims: bool
             builder.set(_join(attn, ln, str(name)), (qk,))
 
 
-def _fused_attention_heads(builder: _Builder, attn: str, node, heads, permute_head_dims):
+def _fused_attention_heads(
+    builder: _Builder, attn: str, node, heads, permute_head_dims
+):
     width = np.shape(node["qkv"]["kernel"])[-1]
     if not isinstance(heads, (int, np.integer)) or heads < 1:
         raise ValueError(
@@ -1234,7 +1293,9 @@ def _fused_attention_heads(builder: _Builder, attn: str, node, heads, permute_he
             f"vit_block_spec: {_join(attn, 'out/kernel')!r} takes {out_in} inputs; "
             f"expected heads * head_dim = {heads * head_dim}."
         )
-    builder.set(_join(attn, "out", "kernel"), (SubAxes((heads, head_dim), (group, dims)), None))
+    builder.set(
+        _join(attn, "out", "kernel"), (SubAxes((heads, head_dim), (group, dims)), None)
+    )
 
 
 __all__ = [

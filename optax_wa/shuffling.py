@@ -376,9 +376,10 @@ def _take(x, idx, stacked):
     return x[:, idx] if stacked else x[idx]
 
 
-def _put(x, idx, v, stacked):
+def _put(x, idx, v, stacked, add=False):
     kwargs = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
-    return x.at[:, idx].set(v, **kwargs) if stacked else x.at[idx].set(v, **kwargs)
+    ref = x.at[:, idx] if stacked else x.at[idx]
+    return ref.add(v, **kwargs) if add else ref.set(v, **kwargs)
 
 
 def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
@@ -435,7 +436,7 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
                 cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
                 blocks.append(jnp.stack(cols, axis=-1))
             values[name] = jnp.concatenate(blocks, axis=item_axis)
-        new_values, num_done = members.permute_members(
+        shuffled, num_done = members.permute_members(
             values,
             drawn.perms[exchanged],
             axis_name=axis_name,
@@ -444,6 +445,12 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
         )
 
         # Write back the items that moved; the rest wait for the next round.
+        # An update is written as update + (shuffled - value): exactly the
+        # update where the permutation kept the value.
+        deltas = {}
+        for name in values:
+            acc = jnp.promote_types(name, jnp.float32)
+            deltas[name] = shuffled[name].astype(acc) - values[name].astype(acc)
         done = jnp.clip(
             num_done - jnp.asarray(ex_first, jnp.int32),
             0,
@@ -453,30 +460,29 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
             slot = jnp.arange(job.slots, dtype=jnp.int32)
             span = drawn.pos[first[j] : first[j] + job.slots]
             idx = jnp.where(slot < done[j], span, job.size + slot)
-            read = jnp.clip(span, 0, job.size - 1)
             seen: dict[str, int] = {}
             for a, b in zip(job.arrays, job.bases):
                 name = (arrays[a] if b is None else bases[b]).dtype.name
                 column, seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
+                source = shuffled if b is None else deltas
                 block = jax.lax.slice_in_dim(
-                    new_values[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
+                    source[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
                 )
-                new = block[..., column]
-                if b is not None:
-                    old = _take(bases[b], read, stacked)
-                    acc = jnp.promote_types(old.dtype, jnp.float32)
-                    new = new.astype(acc) - old.astype(acc)
-                arrays[a] = _put(arrays[a], idx, new.astype(arrays[a].dtype), stacked)
+                new = block[..., column].astype(arrays[a].dtype)
+                arrays[a] = _put(arrays[a], idx, new, stacked, add=b is not None)
         first_j = jnp.asarray(first, jnp.int32)
         more = jnp.any(valid[first_j + done])
         last_done = drawn.pos[first_j + jnp.maximum(done - 1, 0)]
         lasts = jnp.where(done > 0, last_done, lasts)
         return tuple(arrays), starts + done, lasts, more
 
+    # The first round runs straight-line (a scatter inside a loop body is not
+    # done in place on XLA CPU); the loop continues only in the rare case where
+    # the static slots or exchange buffers did not suffice.
     starts = jnp.zeros((len(jobs),), jnp.int32)
     lasts = jnp.full((len(jobs),), -1, jnp.int32)
-    init = (tuple(arrays), starts, lasts, jnp.asarray(True))
-    return list(jax.lax.while_loop(lambda c: c[3], one_round, init)[0])
+    first_round = one_round((tuple(arrays), starts, lasts, jnp.asarray(True)))
+    return list(jax.lax.while_loop(lambda c: c[3], one_round, first_round)[0])
 
 
 def _leaf_size(leaf, stacked) -> int:

@@ -145,7 +145,11 @@ def schedule_coefficients(num_points: int, schedule: str = "uniform") -> np.ndar
     if not isinstance(num_points, (int, np.integer)) or num_points < 1:
         raise ValueError(f"num_points must be an int >= 1, got {num_points!r}.")
     u = np.arange(num_points, dtype=np.float64)
-    w = np.ones_like(u) if schedule == "uniform" else 1.0 + np.cos(np.pi * u / num_points)
+    w = (
+        np.ones_like(u)
+        if schedule == "uniform"
+        else 1.0 + np.cos(np.pi * u / num_points)
+    )
     c = np.cumsum(w) / np.sum(w)
     c[-1] = 1.0
     return c
@@ -227,7 +231,9 @@ def _take_batches(batches, count):
     else:
         out = list(itertools.islice(iter(batches), count))
     if len(out) < count:
-        raise ValueError(f"batches must hold at least num_steps={count} batches, got {len(out)}.")
+        raise ValueError(
+            f"batches must hold at least num_steps={count} batches, got {len(out)}."
+        )
     return out
 
 
@@ -261,8 +267,10 @@ def transfer_trajectory(
       at :math:`\theta_2^{t-1}` and the source gradient at
       :math:`\theta_1^{t-1}`, add the pair to a cache, and set
       :math:`\pi_t = \arg\max_\pi \sum_{s<t} \langle g_2^s, \pi(g_1^s)\rangle`
-      over all cached pairs (coordinate descent started from
-      :math:`\pi_{t-1}`). Two gradient calls per step: ``2T`` in all.
+      over all cached pairs (coordinate descent of
+      :func:`~optax_wa.permutation.gradient_matching` started from
+      :math:`\pi_{t-1}`; at ``t = 1`` from its two default starts). Two
+      gradient calls per step: ``2T`` in all.
     * ``"gmt"``: as FGMT, but every step recomputes all pairs ``s < t`` with
       the target at :math:`\theta_2^0 + \pi_{t-1}(\theta_1^s - \theta_1^0)`
       (the trajectory the current permutation gives): ``T(T+1)`` calls.
@@ -372,7 +380,13 @@ def transfer_trajectory(
                 current = identity if perms is None else perms
                 pairs = [grad_pair(transfer(s, current), s) for s in range(t)]
             result = _perm._coordinate_descent(
-                spec, pairs, sizes, perms, solver=solver, max_sweeps=max_sweeps, seed=seed + t
+                spec,
+                pairs,
+                sizes,
+                perms,
+                solver=solver,
+                max_sweeps=max_sweeps,
+                seed=seed + t,
             )
             perms = result.perms
             objectives.append(result.objectives[-1])
@@ -381,20 +395,21 @@ def transfer_trajectory(
     else:
         if method == "naive":
             perms = identity
-        elif method == "init_matching":
+        else:
+            if method == "init_matching":
+                a, b = target_init, theta1_0
+            else:  # oracle: align the two training displacements
+                if target_trained is None:
+                    raise ValueError(
+                        "method='oracle' needs target_trained (the trained target)."
+                    )
+                _check_same_structure(
+                    ref_shapes, target_trained, "target_trained", spec
+                )
+                a = jax.tree.map(lambda x, y: x - y, target_trained, target_init)
+                b = jax.tree.map(lambda x, y: x - y, trajectory[-1], theta1_0)
             result = _perm.weight_matching(
-                spec, target_init, theta1_0, solver=solver, max_sweeps=max_sweeps, seed=seed
-            )
-            perms = result.perms
-            objectives.append(result.objectives[-1])
-        else:  # oracle
-            if target_trained is None:
-                raise ValueError("method='oracle' needs target_trained (the trained target).")
-            _check_same_structure(ref_shapes, target_trained, "target_trained", spec)
-            target_delta = jax.tree.map(lambda a, b: a - b, target_trained, target_init)
-            source_delta = jax.tree.map(lambda a, b: a - b, trajectory[-1], theta1_0)
-            result = _perm.weight_matching(
-                spec, target_delta, source_delta, solver=solver, max_sweeps=max_sweeps, seed=seed
+                spec, a, b, solver=solver, max_sweeps=max_sweeps, seed=seed
             )
             perms = result.perms
             objectives.append(result.objectives[-1])

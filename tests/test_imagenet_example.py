@@ -1,7 +1,7 @@
 """Tests of the ImageNet ViT trainer (examples/imagenet) on 8 fake CPU devices.
 
 One step of the tiny config (ViT of width 16, bfloat16 computation, mixup,
-AdamW members of Lookaround descending along Stable SAM gradients) on
+AdamW members of Lookaround with RandAugment views) on
 ``tfds.testing.mock_data`` imagenet2012 records of random sizes.
 """
 
@@ -41,9 +41,10 @@ def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path):
     for name in ("member_0", "member_1", "ensemble", "average"):
         assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
         assert np.isfinite(metrics[f"eval/{name}/loss"])
-    # Step 1 of 1 is not a Lookaround sync (period 5): the members differ.
-    kernel = np.asarray(state.params["head"]["kernel"][...])
-    assert not np.allclose(kernel[0], kernel[1])
+    # Step 1 is not a Lookaround sync (period 5): members that started from one
+    # point moved apart (each trained on its own RandAugment views).
+    params = jax.device_get(state.params)
+    assert any(not np.allclose(x[0], x[1]) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("shape", [(10, 25, 3), (47, 17, 3), (300, 200, 3)])

@@ -50,7 +50,9 @@ CNN_LAYERS = ("conv1", "bn1", "conv2", "bn2", "fc")
 
 class Block(nnx.Module):
     def __init__(self, cin, cout, stride, *, rngs):
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs
+        )
         self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
@@ -88,7 +90,10 @@ class ResNet(nnx.Module):
 
 def resnet_spec_of(model_or_tree):
     return perm.resnet_spec(
-        model_or_tree, stem=("conv", "bn"), stages=("stages/0", "stages/1"), head=("fc",)
+        model_or_tree,
+        stem=("conv", "bn"),
+        stages=("stages/0", "stages/1"),
+        head=("fc",),
     )
 
 
@@ -192,7 +197,10 @@ def build(make, seed):
 
 def assert_moved(tree_a, tree_b):
     """The permutation really changed the tree (else equality is trivial)."""
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))]
+    diffs = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))
+    ]
     assert max(diffs) > 1e-3
 
 
@@ -304,12 +312,16 @@ def test_resnet_same_function_incl_batch_stats(resnet, train):
     model = resnet
     spec = resnet_spec_of(model)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    model, other, perms = check_same_function(model, spec, x, jax.random.key(2), train=train)
+    model, other, perms = check_same_function(
+        model, spec, x, jax.random.key(2), train=train
+    )
     if train:
         # The forward pass updated the running statistics: still permuted images.
         chex.assert_trees_all_close(
             nnx.state(other, nnx.BatchStat).to_pure_dict(),
-            perm.apply_permutation(spec, perms, nnx.state(model, nnx.BatchStat).to_pure_dict()),
+            perm.apply_permutation(
+                spec, perms, nnx.state(model, nnx.BatchStat).to_pure_dict()
+            ),
             atol=2e-5,
             rtol=2e-5,
         )
@@ -318,7 +330,9 @@ def test_resnet_same_function_incl_batch_stats(resnet, train):
 @pytest.mark.parametrize("permute_head_dims", [False, True])
 def test_vit_block_spec_same_function(vit, permute_head_dims):
     model = vit
-    spec = perm.vit_block_spec(model, blocks="blocks", permute_head_dims=permute_head_dims)
+    spec = perm.vit_block_spec(
+        model, blocks="blocks", permute_head_dims=permute_head_dims
+    )
     axes = spec.leaf_axes
     heads = "blocks/0/attention/heads"
     qk = "blocks/0/attention/qk_dims" if permute_head_dims else None
@@ -351,7 +365,10 @@ def test_vit_block_spec_fused_qkv_same_function(fused, permute_head_dims):
     assert not np.array_equal(perms["attention/heads"], np.arange(4))
     # From a plain tree the head count must be given.
     tree = full_state(model)
-    assert perm.vit_block_spec(tree, num_heads=4, permute_head_dims=permute_head_dims) == spec
+    assert (
+        perm.vit_block_spec(tree, num_heads=4, permute_head_dims=permute_head_dims)
+        == spec
+    )
     with pytest.raises(ValueError, match="pass num_heads="):
         perm.vit_block_spec(tree)
 
@@ -359,10 +376,14 @@ def test_vit_block_spec_fused_qkv_same_function(fused, permute_head_dims):
 def test_sub_axes_closed_form():
     """A (2, 3) view of a size-6 axis: permuting the size-3 sub-axis moves blocks."""
     spec = PermutationSpec({"w": (perm.SubAxes((2, 3), (None, "h")),)})
-    out = perm.apply_permutation(spec, {"h": jnp.array([2, 0, 1])}, {"w": jnp.arange(6.0)})
+    out = perm.apply_permutation(
+        spec, {"h": jnp.array([2, 0, 1])}, {"w": jnp.arange(6.0)}
+    )
     np.testing.assert_array_equal(out["w"], [2.0, 0.0, 1.0, 5.0, 3.0, 4.0])
     assert spec.groups == {"h": (("w", 1),)}
-    with pytest.raises(ValueError, match="leaf 'w' axis 0 has size 5 but its SubAxes shape"):
+    with pytest.raises(
+        ValueError, match="leaf 'w' axis 0 has size 5 but its SubAxes shape"
+    ):
         perm.validate(spec, {"w": jnp.zeros(5)})
 
 
@@ -404,7 +425,9 @@ def test_invert_and_compose(mlp):
     chex.assert_trees_all_equal(perm.compose(perm.invert(p), p), ident)
     chex.assert_trees_all_equal(perm.compose(p, perm.invert(p)), ident)
     chex.assert_trees_all_equal(
-        perm.apply_permutation(spec, perm.invert(p), perm.apply_permutation(spec, p, state)),
+        perm.apply_permutation(
+            spec, perm.invert(p), perm.apply_permutation(spec, p, state)
+        ),
         state,
     )
     # compose(o, i) applies i first, then o.
@@ -417,9 +440,15 @@ def test_invert_and_compose(mlp):
 def test_apply_permutation_closed_form():
     spec = PermutationSpec({"w": ("h", "o"), "b": ("o",)})
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.0, 2.0, 3.0])}
-    out = perm.apply_permutation(spec, {"h": jnp.array([1, 0]), "o": jnp.array([2, 0, 1])}, tree)
+    out = perm.apply_permutation(
+        spec, {"h": jnp.array([1, 0]), "o": jnp.array([2, 0, 1])}, tree
+    )
     chex.assert_trees_all_equal(
-        out, {"w": jnp.array([[5.0, 3.0, 4.0], [2.0, 0.0, 1.0]]), "b": jnp.array([3.0, 1.0, 2.0])}
+        out,
+        {
+            "w": jnp.array([[5.0, 3.0, 4.0], [2.0, 0.0, 1.0]]),
+            "b": jnp.array([3.0, 1.0, 2.0]),
+        },
     )
 
 
@@ -451,7 +480,9 @@ def deep_mlp():
 def test_weight_matching_recovers_planted_permutation(deep_mlp):
     spec, params = deep_mlp
     pi = perm.random_permutation(jax.random.key(11), spec, params)
-    result = perm.weight_matching(spec, perm.apply_permutation(spec, pi, params), params)
+    result = perm.weight_matching(
+        spec, perm.apply_permutation(spec, pi, params), params
+    )
     chex.assert_trees_all_equal(result.perms, pi)
     # At the optimum <a, pi(b)> = |a|^2.
     norm2 = sum(float(jnp.vdot(x, x)) for x in jax.tree.leaves(params))
@@ -466,7 +497,9 @@ def test_weight_matching_recovers_heads_through_sub_axes(fused):
     _, params, _ = nnx.split(model, nnx.Param, ...)
     params = params.to_pure_dict()
     pi = perm.random_permutation(jax.random.key(12), spec, params)
-    found = perm.weight_matching(spec, perm.apply_permutation(spec, pi, params), params).perms
+    found = perm.weight_matching(
+        spec, perm.apply_permutation(spec, pi, params), params
+    ).perms
     chex.assert_trees_all_equal(found, pi)
 
 
@@ -474,7 +507,9 @@ def test_weight_matching_objective_never_decreases(deep_mlp):
     spec, params = deep_mlp
     other = random_mlp_params([10, 24, 20, 16, 4], seed=3)
     other = jax.tree.map(lambda x, y: x + 0.7 * y, params, other)
-    b = perm.apply_permutation(spec, perm.random_permutation(jax.random.key(4), spec, params), other)
+    b = perm.apply_permutation(
+        spec, perm.random_permutation(jax.random.key(4), spec, params), other
+    )
     result = perm.weight_matching(spec, params, b, seed=5)
     objectives = np.asarray(result.objectives)
     assert result.num_sweeps >= 2 and len(objectives) == result.num_sweeps + 1
@@ -482,7 +517,9 @@ def test_weight_matching_objective_never_decreases(deep_mlp):
     assert objectives[-1] > objectives[0]
     # The returned objective is the inner product at the returned perms.
     np.testing.assert_allclose(
-        objectives[-1], perm.matching_objective(spec, result.perms, [(params, b)]), rtol=1e-12
+        objectives[-1],
+        perm.matching_objective(spec, result.perms, [(params, b)]),
+        rtol=1e-12,
     )
     # Same seed => same result; max_sweeps=1 stops after one sweep.
     again = perm.weight_matching(spec, params, b, seed=5)
@@ -539,7 +576,9 @@ def test_gradient_matching_sums_over_pairs():
 
 def test_validate_rejects_leaf_missing_from_spec():
     spec = PermutationSpec({"a": (None, "h")})
-    with pytest.raises(ValueError, match="leaf 'b' of the tree is not in the permutation spec"):
+    with pytest.raises(
+        ValueError, match="leaf 'b' of the tree is not in the permutation spec"
+    ):
         perm.validate(spec, {"a": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
 
 
@@ -551,7 +590,10 @@ def test_validate_rejects_wrong_rank():
 
 def test_validate_rejects_inconsistent_group_size():
     spec = PermutationSpec({"a": (None, "h"), "b": ("h",)})
-    with pytest.raises(ValueError, match="group 'h' has size 3 at leaf 'a' axis 1 but size 4 at leaf 'b' axis 0"):
+    with pytest.raises(
+        ValueError,
+        match="group 'h' has size 3 at leaf 'a' axis 1 but size 4 at leaf 'b' axis 0",
+    ):
         perm.validate(spec, {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)})
 
 
@@ -580,23 +622,31 @@ def test_apply_rejects_non_permutation():
 def test_matching_rejects_bad_solver():
     spec = PermutationSpec({"a": ("h",)})
     with pytest.raises(ValueError, match="solver must be one of"):
-        perm.weight_matching(spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3)}, solver="lap")
+        perm.weight_matching(
+            spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3)}, solver="lap"
+        )
 
 
 def test_matching_rejects_bad_max_sweeps():
     spec = PermutationSpec({"a": ("h",)})
     with pytest.raises(ValueError, match="max_sweeps must be an int >= 1"):
-        perm.weight_matching(spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3)}, max_sweeps=0)
+        perm.weight_matching(
+            spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3)}, max_sweeps=0
+        )
 
 
 def test_matching_rejects_mismatched_trees():
     spec = PermutationSpec({"a": ("h",), "b": (None,)})
     with pytest.raises(ValueError, match="differs from the first tree"):
-        perm.weight_matching(spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3), "b": jnp.zeros(2)})
+        perm.weight_matching(
+            spec, {"a": jnp.zeros(3)}, {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+        )
 
 
 def test_builder_rejects_layers_out_of_order(cnn):
-    with pytest.raises(ValueError, match="norm layer 'bn2' has 12 features but layer 'bn1' gives 8"):
+    with pytest.raises(
+        ValueError, match="norm layer 'bn2' has 12 features but layer 'bn1' gives 8"
+    ):
         perm.conv_spec(cnn)
 
 
@@ -605,20 +655,34 @@ def test_builder_rejects_flatten_before_dense():
         "conv": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)},
         "fc": {"kernel": jnp.zeros((64, 2)), "bias": jnp.zeros(2)},
     }
-    with pytest.raises(ValueError, match="layer 'fc' takes 64 input features but layer 'conv' gives 4"):
+    with pytest.raises(
+        ValueError, match="layer 'fc' takes 64 input features but layer 'conv' gives 4"
+    ):
         perm.conv_spec(tree)
 
 
 def test_resnet_rejects_identity_shortcut_with_width_change(resnet):
     model = resnet
     with pytest.raises(ValueError, match="identity shortcut needs equal widths"):
-        perm.resnet_spec(model, stem=("conv", "bn"), stages=("stages/0", "stages/1"), head=("fc",), shortcut=("proj",))
+        perm.resnet_spec(
+            model,
+            stem=("conv", "bn"),
+            stages=("stages/0", "stages/1"),
+            head=("fc",),
+            shortcut=("proj",),
+        )
 
 
 def test_resnet_rejects_unknown_block_layer(resnet):
     model = resnet
     with pytest.raises(ValueError, match="block 'stages/0/0' has no layer"):
-        perm.resnet_spec(model, stem=("conv", "bn"), stages=("stages/0",), head=("fc",), block=("conv1", "norm1"))
+        perm.resnet_spec(
+            model,
+            stem=("conv", "bn"),
+            stages=("stages/0",),
+            head=("fc",),
+            block=("conv1", "norm1"),
+        )
 
 
 def test_vit_rejects_missing_attention(vit):

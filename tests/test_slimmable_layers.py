@@ -398,3 +398,49 @@ def test_calibrate_batch_norm_sets_population_statistics_for_new_width():
     )
     # The calibrated width runs in eval mode.
     assert model(data[0], width=0.75, use_running_average=True).shape == (16, 6)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (
+            lambda: sl.SlimmableResNet((1,), WIDTHS, block="dense", rngs=_rngs()),
+            "block",
+        ),
+        (lambda: sl.SlimmableResNet((1,), WIDTHS, stem="tiny", rngs=_rngs()), "stem"),
+        (
+            lambda: sl.SlimmableCNN1D(1, (4, 8), WIDTHS, strides=(1,), rngs=_rngs()),
+            "strides",
+        ),
+        (
+            lambda: sl.SlimmableViT(10, 4, 8, 1, 2, 8, WIDTHS, rngs=_rngs()),
+            "patch_size",
+        ),
+        (lambda: sl.SlimmableConv(2, 4, (1, 1, 1, 1), rngs=_rngs()), "kernel_size"),
+        (lambda: sl.SwitchableLinear(4, 2, (), rngs=_rngs()), "non-empty"),
+    ],
+    ids=[
+        "resnet_block",
+        "resnet_stem",
+        "cnn_strides",
+        "vit_patch",
+        "conv_dims",
+        "no_widths",
+    ],
+)
+def test_builders_reject_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_add_width_rejects_a_trained_width():
+    bn = sl.SwitchableBatchNorm(4, WIDTHS, rngs=_rngs())
+    with pytest.raises(ValueError, match="already has"):
+        bn.add_width(0.5)
+
+
+def test_calibrate_batch_norm_rejects_model_without_switchable_norms():
+    with pytest.raises(ValueError, match="no SwitchableBatchNorm"):
+        sl.calibrate_batch_norm(
+            sl.SlimmableLinear(2, 2, rngs=_rngs()), 0.5, [jnp.ones((2, 2))]
+        )

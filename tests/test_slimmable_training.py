@@ -327,3 +327,18 @@ def test_top_level_exports():
     assert optax_wa.slimmable is sl
     assert optax_wa.freeze_until is sl.freeze_until
     assert optax_wa.slimclr_loss_weights is sl.slimclr_loss_weights
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: sl.slimmable_grad_stats({}, min_width=0.0), "min_width"),
+        (lambda: sl.init_queue(jax.random.key(0), 0, 4), "size"),
+        (lambda: sl.moco_momentum(0, 0), "total_steps"),
+        (lambda: sl.slimclr_loss_weights((1.0, 1.0)), "distinct"),
+    ],
+    ids=["grad_stats_width", "queue_size", "momentum_steps", "duplicate_widths"],
+)
+def test_training_pieces_reject_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

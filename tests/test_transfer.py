@@ -42,7 +42,9 @@ def init_params(seed):
     return {
         "layers": {
             i: {
-                "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+                "kernel": jnp.asarray(
+                    rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32
+                ),
                 "bias": jnp.asarray(0.1 * rng.normal(size=(b,)), jnp.float32),
             }
             for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))
@@ -56,7 +58,10 @@ def make_batches(seed, count, size=32):
     for k in jax.random.split(key, count):
         kx, ky = jax.random.split(k)
         out.append(
-            (jax.random.normal(kx, (size, SIZES[0])), jax.random.randint(ky, (size,), 0, SIZES[-1]))
+            (
+                jax.random.normal(kx, (size, SIZES[0])),
+                jax.random.randint(ky, (size,), 0, SIZES[-1]),
+            )
         )
     return out
 
@@ -81,7 +86,9 @@ def setup():
 
 
 def assert_same_perms(a, b):
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b)
+    )
 
 
 @pytest.mark.parametrize("method", ["fgmt", "gmt"])
@@ -95,7 +102,9 @@ def test_planted_permutation_is_recovered_at_every_step(setup, method):
     for t in range(1, T + 1):
         assert_same_perms(out.perms[t], planted)
         chex.assert_trees_all_close(
-            out.params[t], perm.apply_permutation(spec, planted, checkpoints[t]), atol=1e-5
+            out.params[t],
+            perm.apply_permutation(spec, planted, checkpoints[t]),
+            atol=1e-5,
         )
     # The planted permutation is a strict improvement over the identity.
     assert not all(np.array_equal(p, np.arange(p.size)) for p in planted.values())
@@ -103,7 +112,9 @@ def test_planted_permutation_is_recovered_at_every_step(setup, method):
 
 def test_identical_inits_give_identity(setup):
     spec, checkpoints, batches, _ = setup
-    out = transfer.transfer_trajectory(checkpoints, checkpoints[0], grad_fn, batches, spec, num_steps=T)
+    out = transfer.transfer_trajectory(
+        checkpoints, checkpoints[0], grad_fn, batches, spec, num_steps=T
+    )
     ident = perm.identity_permutation(spec, checkpoints[0])
     for t in range(T + 1):
         assert_same_perms(out.perms[t], ident)
@@ -115,12 +126,22 @@ def test_naive_is_plain_displacement_on_straight_line(setup):
     source_init, source_final = checkpoints[0], checkpoints[-1]
     target_init = init_params(2)
     out = transfer.transfer_trajectory(
-        [source_init, source_final], target_init, None, None, spec, method="naive", num_steps=T
+        [source_init, source_final],
+        target_init,
+        None,
+        None,
+        spec,
+        method="naive",
+        num_steps=T,
     )
     assert out.grad_calls == 0 and out.objectives == []
     for t in range(T + 1):
+        c = t / T
         expected = jax.tree.map(
-            lambda t0, a, b: t0 + (t / T) * (b - a), target_init, source_init, source_final
+            lambda t0, a, b, c=c: t0 + c * (b - a),
+            target_init,
+            source_init,
+            source_final,
         )
         chex.assert_trees_all_close(out.params[t], expected, atol=1e-6)
 
@@ -135,7 +156,13 @@ def test_gradient_call_counts(setup, method, expected):
         return grad_fn(params, batch)
 
     out = transfer.transfer_trajectory(
-        checkpoints, init_params(3), counting_grad_fn, batches, spec, method=method, num_steps=T
+        checkpoints,
+        init_params(3),
+        counting_grad_fn,
+        batches,
+        spec,
+        method=method,
+        num_steps=T,
     )
     assert len(calls) == expected
     assert out.grad_calls == expected
@@ -152,9 +179,18 @@ def test_init_matching_and_oracle_recover_planted(setup):
     # Oracle: the target trained along the permuted trajectory.
     target_trained = perm.apply_permutation(spec, planted, checkpoints[-1])
     other_init = init_params(4)
-    shifted = jax.tree.map(lambda a, b, c: a - b + c, target_trained, target_init, other_init)
+    shifted = jax.tree.map(
+        lambda a, b, c: a - b + c, target_trained, target_init, other_init
+    )
     out = transfer.transfer_trajectory(
-        checkpoints, other_init, None, None, spec, method="oracle", num_steps=T, target_trained=shifted
+        checkpoints,
+        other_init,
+        None,
+        None,
+        spec,
+        method="oracle",
+        num_steps=T,
+        target_trained=shifted,
     )
     assert_same_perms(out.perms[T], planted)
     assert out.grad_calls == 0 and len(out.objectives) == 1
@@ -212,14 +248,18 @@ def test_transfer_params_jit_matches_closed_form(setup):
         lambda t0, d: t0 + d,
         target_init,
         perm.apply_permutation(
-            spec, planted, jax.tree.map(lambda a, b: a - b, checkpoints[2], checkpoints[0])
+            spec,
+            planted,
+            jax.tree.map(lambda a, b: a - b, checkpoints[2], checkpoints[0]),
         ),
     )
     chex.assert_trees_all_close(jitted, expected, atol=1e-6)
 
 
 def test_schedule_coefficients_closed_form():
-    np.testing.assert_allclose(transfer.schedule_coefficients(4), [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(
+        transfer.schedule_coefficients(4), [0.25, 0.5, 0.75, 1.0]
+    )
     s = 5
     w = [1 + np.cos(np.pi * u / s) for u in range(s)]
     expected = np.cumsum(w) / sum(w)
@@ -236,8 +276,12 @@ def test_source_trajectory_is_piecewise_linear(setup):
     traj = transfer.source_trajectory([a, b, c], 4, "uniform")
     assert len(traj) == 5
     chex.assert_trees_all_equal(traj[2], b)
-    chex.assert_trees_all_close(traj[1], jax.tree.map(lambda x, y: 0.5 * (x + y), a, b), atol=1e-6)
-    chex.assert_trees_all_close(traj[3], jax.tree.map(lambda x, y: 0.5 * (x + y), b, c), atol=1e-6)
+    chex.assert_trees_all_close(
+        traj[1], jax.tree.map(lambda x, y: 0.5 * (x + y), a, b), atol=1e-6
+    )
+    chex.assert_trees_all_close(
+        traj[3], jax.tree.map(lambda x, y: 0.5 * (x + y), b, c), atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------
@@ -248,47 +292,71 @@ def test_source_trajectory_is_piecewise_linear(setup):
 def test_rejects_unknown_method(setup):
     spec, checkpoints, batches, _ = setup
     with pytest.raises(ValueError, match="method must be one of"):
-        transfer.transfer_trajectory(checkpoints, checkpoints[0], grad_fn, batches, spec, method="sgd")
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], grad_fn, batches, spec, method="sgd"
+        )
 
 
 def test_rejects_unknown_schedule(setup):
     spec, checkpoints, batches, _ = setup
     with pytest.raises(ValueError, match="schedule must be one of"):
         transfer.transfer_trajectory(
-            checkpoints, checkpoints[0], grad_fn, batches, spec, num_steps=T, schedule="linear"
+            checkpoints,
+            checkpoints[0],
+            grad_fn,
+            batches,
+            spec,
+            num_steps=T,
+            schedule="linear",
         )
 
 
 def test_rejects_num_steps_not_multiple_of_segments(setup):
     spec, checkpoints, batches, _ = setup
-    with pytest.raises(ValueError, match="num_steps=6 must be a multiple of the 4 segments"):
-        transfer.transfer_trajectory(checkpoints, checkpoints[0], grad_fn, batches, spec, num_steps=6)
+    with pytest.raises(
+        ValueError, match="num_steps=6 must be a multiple of the 4 segments"
+    ):
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], grad_fn, batches, spec, num_steps=6
+        )
 
 
 def test_rejects_too_few_batches(setup):
     spec, checkpoints, batches, _ = setup
-    with pytest.raises(ValueError, match="batches must hold at least num_steps=4 batches, got 2"):
-        transfer.transfer_trajectory(checkpoints, checkpoints[0], grad_fn, batches[:2], spec, num_steps=T)
+    with pytest.raises(
+        ValueError, match="batches must hold at least num_steps=4 batches, got 2"
+    ):
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], grad_fn, batches[:2], spec, num_steps=T
+        )
 
 
 def test_rejects_oracle_without_target(setup):
     spec, checkpoints, _, _ = setup
     with pytest.raises(ValueError, match="needs target_trained"):
-        transfer.transfer_trajectory(checkpoints, checkpoints[0], None, None, spec, method="oracle", num_steps=T)
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], None, None, spec, method="oracle", num_steps=T
+        )
 
 
 def test_rejects_gradient_method_without_grad_fn(setup):
     spec, checkpoints, _, _ = setup
     with pytest.raises(ValueError, match="method='fgmt' needs grad_fn and batches"):
-        transfer.transfer_trajectory(checkpoints, checkpoints[0], None, None, spec, num_steps=T)
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], None, None, spec, num_steps=T
+        )
 
 
 def test_rejects_mismatched_source(setup):
     spec, checkpoints, batches, _ = setup
     bad = {"layers": dict(checkpoints[1]["layers"])}
-    bad["layers"][0] = {"kernel": jnp.zeros((SIZES[0], SIZES[1] + 1)), "bias": jnp.zeros(SIZES[1])}
+    bad["layers"][0] = {
+        "kernel": jnp.zeros((SIZES[0], SIZES[1] + 1)),
+        "bias": jnp.zeros(SIZES[1]),
+    }
     with pytest.raises(
-        ValueError, match=r"source\[1\] does not match target_init .* \['layers/0/kernel'\]"
+        ValueError,
+        match=r"source\[1\] does not match target_init .* \['layers/0/kernel'\]",
     ):
         transfer.transfer_trajectory(
             [checkpoints[0], bad], checkpoints[0], grad_fn, batches, spec, num_steps=T
@@ -296,8 +364,16 @@ def test_rejects_mismatched_source(setup):
 
 
 def test_rejects_batch_statistics():
-    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        nnx.BatchNorm(4, rngs=nnx.Rngs(0)),
+        nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+    )
     spec = perm.mlp_spec(model)
     full = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)).to_pure_dict()
-    with pytest.raises(ValueError, match="target_init contains batch-statistics leaf 'layers/1/mean'"):
-        transfer.transfer_trajectory([full, full], full, None, None, spec, method="naive", num_steps=2)
+    with pytest.raises(
+        ValueError, match="target_init contains batch-statistics leaf 'layers/1/mean'"
+    ):
+        transfer.transfer_trajectory(
+            [full, full], full, None, None, spec, method="naive", num_steps=2
+        )

@@ -254,7 +254,8 @@ def init_state(setup: Setup, key: jax.Array) -> TrainState:
     """Initializes the stacked state directly into its shardings.
 
     The model init and the optimizer init are two programs, so that the
-    first (the costly one to compile) is the same for every method.
+    first (the costlier one to compile) is shared by methods with the same
+    member init. Sets ``setup.state_shardings``.
     """
     config, mesh, m = setup.config, setup.mesh, setup.num_members
     same_init = config.get("same_init")

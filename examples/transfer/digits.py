@@ -105,7 +105,9 @@ def logits_fn(params, x):
 
 def loss_fn(params, batch):
     x, y = batch
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_fn(params, x), y
+    ).mean()
 
 
 grad_fn = jax.jit(jax.grad(loss_fn))
@@ -180,7 +182,9 @@ def setting_random_init(splits, spec, args):
     hp = dict(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
     source_final = train(source_init, splits["train"], seed=args.seed, **hp)
     target_trained = train(target_init, splits["train"], seed=args.seed + 1, **hp)
-    batches = minibatches(splits["train"], args.match_batch_size, args.steps, args.seed + 2)
+    batches = minibatches(
+        splits["train"], args.match_batch_size, args.steps, args.seed + 2
+    )
     results = run_methods(
         [source_init, source_final],
         target_init,
@@ -204,13 +208,30 @@ def setting_pretrained(splits, spec, args):
     pre = {k: subset(v, first) for k, v in splits.items()}
     fine = {k: subset(v, second) for k, v in splits.items()}
     hp = dict(lr=args.lr, batch_size=args.batch_size)
-    source_pre = train(init_params(args.seed + 10), pre["train"], epochs=args.epochs, seed=1, **hp)
-    target_pre = train(init_params(args.seed + 11), pre["train"], epochs=args.epochs, seed=2, **hp)
-    source_ft = train(source_pre, fine["train"], epochs=args.finetune_epochs, seed=3, **hp)
-    target_ft = train(target_pre, fine["train"], epochs=args.finetune_epochs, seed=4, **hp)
-    batches = minibatches(fine["train"], args.match_batch_size, args.steps, args.seed + 3)
+    source_pre = train(
+        init_params(args.seed + 10), pre["train"], epochs=args.epochs, seed=1, **hp
+    )
+    target_pre = train(
+        init_params(args.seed + 11), pre["train"], epochs=args.epochs, seed=2, **hp
+    )
+    source_ft = train(
+        source_pre, fine["train"], epochs=args.finetune_epochs, seed=3, **hp
+    )
+    target_ft = train(
+        target_pre, fine["train"], epochs=args.finetune_epochs, seed=4, **hp
+    )
+    batches = minibatches(
+        fine["train"], args.match_batch_size, args.steps, args.seed + 3
+    )
     results = run_methods(
-        [source_pre, source_ft], target_pre, target_ft, spec, batches, fine["val"], fine["test"], args
+        [source_pre, source_ft],
+        target_pre,
+        target_ft,
+        spec,
+        batches,
+        fine["val"],
+        fine["test"],
+        args,
     )
     reference = {
         "source_pretrained_test_accuracy_0_4": accuracy(source_pre, pre["test"]),
@@ -231,7 +252,9 @@ def print_table(title, results, reference):
     print(f"\n{title}")
     for k, v in reference.items():
         print(f"  {k}: {v:.4f}")
-    print(f"  {'method':<14}{'final acc':>10}{'best step':>10}{'best acc':>10}{'grad calls':>12}{'seconds':>9}")
+    print(
+        f"  {'method':<14}{'final acc':>10}{'best step':>10}{'best acc':>10}{'grad calls':>12}{'seconds':>9}"
+    )
     for method, r in results.items():
         print(
             f"  {method:<14}{r['final_test_accuracy']:>10.4f}{r['best_step']:>10d}"
@@ -245,7 +268,9 @@ def plot(path, panels):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
+    )
     for ax, (title, results) in zip(axes[0], panels):
         for method, r in results.items():
             acc = r["test_accuracy_per_step"]
@@ -265,11 +290,20 @@ def main(argv=None):
     parser.add_argument("--out", default="/tmp/transfer_digits")
     parser.add_argument("--steps", type=int, default=10, help="transfer steps T")
     parser.add_argument("--schedule", default="uniform", choices=("uniform", "cosine"))
-    parser.add_argument("--lr", type=float, default=0.03, help="source/target SGD learning rate")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of (pre)training")
+    parser.add_argument(
+        "--lr", type=float, default=0.05, help="source/target SGD learning rate"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="epochs of (pre)training"
+    )
     parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--match-batch-size", type=int, default=256, help="minibatch of each gradient pair")
+    parser.add_argument(
+        "--match-batch-size",
+        type=int,
+        default=256,
+        help="minibatch of each gradient pair",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("a", "b"), default=None)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -287,7 +321,9 @@ def main(argv=None):
         panels.append(("(a) random init", results))
     if args.only in (None, "b"):
         results, reference = setting_pretrained(splits, spec, args)
-        print_table("(b) pretrained on 0-4, transfer of fine-tuning on 5-9", results, reference)
+        print_table(
+            "(b) pretrained on 0-4, transfer of fine-tuning on 5-9", results, reference
+        )
         report["pretrained"] = {"reference": reference, "methods": results}
         panels.append(("(b) pretrained 0-4 -> 5-9", results))
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -13,11 +13,11 @@ def get_config():
     config.model.kwargs.mlp_dim = 32
     config.worker_count = 0
     config.num_members = 2
-    config.method = "adamw+lookaround+ssam"
+    config.method = "adamw+lookaround"
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_train_steps = 1
-    config.optimizer.warmup_steps = 1
+    config.optimizer.warmup_steps = 0
     config.log_every_steps = 1
     config.eval_every_steps = 1
     config.checkpoint_every_steps = 1

@@ -1,0 +1,408 @@
+"""Tests of WASH (optax_wa.wash, optax_wa.shuffling)."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_wa
+from optax_wa import members, shuffling
+from optax_wa.shuffling import shuffle_coordinates, wash_layer_probs
+
+M = 8
+
+
+def _params(m=M, seed=0, integer=False):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    tree = {"w": jax.random.normal(k1, (m, 6, 5)), "b": jax.random.normal(k2, (m, 7))}
+    if integer:  # exactly representable sums: means are exact
+        tree = jax.tree.map(lambda x: jnp.round(8 * x), tree)
+    return tree
+
+
+def _grads(step, m=M):
+    return jax.tree.map(lambda x: 0.25 * x, _params(m, seed=100 + step))
+
+
+_SHUFFLE = jax.jit(shuffle_coordinates, static_argnames=("probs", "axis_name"))
+
+
+def _run(opt, params, steps=2, update=None):
+    update = update or jax.jit(opt.update)
+    state = jax.jit(opt.init)(params)
+    for step in range(steps):
+        grads = _grads(step, members.num_members(params))
+        grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), grads, params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _wash(**kwargs):
+    kwargs.setdefault("shuffle_prob", 0.3)
+    kwargs.setdefault("layer_probs", "constant")
+    return optax_wa.wash(optax.sgd(0.1, momentum=0.9), **kwargs)
+
+
+# --- invariants of the shuffle -------------------------------------------------
+
+
+def test_shuffle_keeps_the_multiset_of_member_values_per_coordinate():
+    params = _params()
+    out = _SHUFFLE(params, jax.random.key(1), 0.3)
+    changed = 0
+    for k in params:
+        np.testing.assert_array_equal(np.sort(out[k], axis=0), np.sort(params[k], axis=0))
+        changed += int(np.sum(np.asarray(out[k]) != np.asarray(params[k])))
+    assert changed > 0  # the test data did get shuffled
+
+
+def test_shuffle_keeps_the_member_mean_exactly():
+    params = _params(integer=True)
+    out = _SHUFFLE(params, jax.random.key(2), 0.5)
+    assert not all(np.array_equal(out[k], params[k]) for k in params)
+    chex.assert_trees_all_equal(
+        members.average_members(out), members.average_members(params)
+    )
+
+
+def test_wash_keeps_the_member_mean_exactly():
+    params = _params(integer=True)
+    opt = optax_wa.wash(optax.sgd(0.0), shuffle_prob=0.5, layer_probs="constant")
+    state = opt.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(zero, state, params)
+    new = optax.apply_updates(params, updates)
+    assert not all(np.array_equal(new[k], params[k]) for k in params)
+    for k in params:
+        np.testing.assert_array_equal(np.sort(new[k], axis=0), np.sort(params[k], axis=0))
+    chex.assert_trees_all_equal(members.average_members(new), members.average_members(params))
+
+
+def test_zero_probability_is_the_identity():
+    params = _params()
+    chex.assert_trees_all_equal(_SHUFFLE(params, jax.random.key(0), 0.0), params)
+    plain, plain_state = _run(members.per_member(optax.sgd(0.1, momentum=0.9)), params)
+    washed, state = _run(_wash(shuffle_prob=0.0), params)
+    chex.assert_trees_all_equal(washed, plain)
+    chex.assert_trees_all_equal(state.inner_state, plain_state)
+
+
+def test_two_members_probability_one_swaps_or_keeps_every_coordinate():
+    """p counts selections: with p = 1 every coordinate is selected and its
+    permutation is uniform over both, so each is swapped with probability 1/2."""
+    n = 4000
+    a = jnp.arange(n, dtype=jnp.float32)
+    tree = {"x": jnp.stack([a, -a - 1.0])}
+    out = np.asarray(_SHUFFLE(tree, jax.random.key(3), 1.0)["x"])
+    x = np.asarray(tree["x"])
+    swapped = (out[0] == x[1]) & (out[1] == x[0])
+    kept = (out[0] == x[0]) & (out[1] == x[1])
+    assert np.all(swapped | kept)
+    # Binomial(4000, 1/2): 5 standard deviations are 158.
+    assert abs(swapped.sum() - n / 2) < 5 * np.sqrt(n / 4)
+
+
+def test_selection_rate_matches_the_probability():
+    """Two members: a coordinate changes iff selected and swapped, prob. p / 2."""
+    n, p = 50_000, 0.02
+    a = jnp.arange(n, dtype=jnp.float32)
+    tree = {"x": jnp.stack([a, -a - 1.0])}
+    out = np.asarray(_SHUFFLE(tree, jax.random.key(4), p)["x"])
+    changed = int(np.sum(out[0] != np.asarray(tree["x"][0])))
+    mean, std = n * p / 2, np.sqrt(n * p / 2 * (1 - p / 2))
+    assert abs(changed - mean) < 5 * std, (changed, mean)
+
+
+def test_permutations_are_uniform():
+    """Three members, p = 1: the 6 permutations appear equally often."""
+    n = 6000
+    base = jnp.arange(3, dtype=jnp.float32)[:, None] * jnp.ones((3, n))
+    out = np.asarray(_SHUFFLE({"x": base}, jax.random.key(5), 1.0)["x"])
+    counts = {perm: 0 for perm in itertools.permutations(range(3))}
+    for column in out.T.astype(int):
+        counts[tuple(column)] += 1
+    expected = n / 6
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 25.7, counts  # chi-square, 5 dof: P(> 25.7) ~ 1e-4
+
+
+def test_extra_rounds_give_the_same_result(monkeypatch):
+    """Tiny static slots and exchange buffers force many rounds; each item's
+    draws depend only on its index, so the result is the one-round result."""
+    params = _params()
+    key = jax.random.key(6)
+    one_round = _SHUFFLE(params, key, 0.4)
+    monkeypatch.setattr(members, "_count_upper_bound", lambda mean, limit, tail=0: 2)
+    stacked = jax.jit(lambda t: shuffle_coordinates(t, key, 0.4))
+    named = jax.jit(
+        jax.vmap(lambda t: shuffle_coordinates(t, key, 0.4, axis_name="m"), axis_name="m")
+    )
+    chex.assert_trees_all_equal(stacked(params), one_round)
+    chex.assert_trees_all_equal(named(params), one_round)
+
+
+# --- the optimizer ---------------------------------------------------------------
+
+
+def test_optimizer_state_moves_with_its_parameter():
+    """After one step of SGD with momentum from zero state, the momentum of a
+    member equals the gradient of the member whose parameter value it holds."""
+    params = _params()
+    grads = _grads(0)
+    lr = 0.1
+    for shuffle_opt_state in (True, False):
+        opt = _wash(shuffle_prob=0.5, shuffle_opt_state=shuffle_opt_state)
+        updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
+        new = optax.apply_updates(params, updates)
+        (momentum,) = [
+            s.trace for s in jax.tree.leaves(state.inner_state, is_leaf=_is_trace)
+        ]
+        for k in params:
+            unshuffled = np.asarray(params[k] - lr * grads[k])
+            got, mom, g = np.asarray(new[k]), np.asarray(momentum[k]), np.asarray(grads[k])
+            source = np.argmin(np.abs(got[:, None] - unshuffled[None]), axis=1)
+            np.testing.assert_allclose(
+                got, np.take_along_axis(unshuffled, source, 0), rtol=1e-6, atol=1e-6
+            )
+            moved = source != np.arange(M).reshape((M,) + (1,) * (got.ndim - 1))
+            assert moved.any()
+            expected = np.take_along_axis(g, source, 0) if shuffle_opt_state else g
+            np.testing.assert_array_equal(mom, expected)
+
+
+def _is_trace(x):
+    return isinstance(x, optax.TraceState)
+
+
+def test_same_seed_identical_different_seed_different():
+    params = _params()
+    opt = _wash(seed=3)
+    update = jax.jit(opt.update)
+    first, _ = _run(opt, params, update=update)
+    second, _ = _run(_wash(seed=3), params, update=update)  # same function, cached
+    other, _ = _run(_wash(seed=4), params)
+    chex.assert_trees_all_equal(first, second)
+    assert not all(np.array_equal(first[k], other[k]) for k in params)
+
+
+def test_steps_use_different_keys():
+    params = _params(integer=True)
+    opt = optax_wa.wash(optax.sgd(0.0), shuffle_prob=0.5, layer_probs="constant")
+    zero = jax.tree.map(jnp.zeros_like, params)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    first, state = update(zero, state, params)
+    second, _ = update(zero, state, params)
+    assert not all(np.array_equal(first[k], second[k]) for k in params)
+
+
+def _named_equals_stacked(opt_named, stacked_params, stacked_state, map_fn):
+    """Runs 2 steps in named mode through map_fn and returns the params."""
+    init = map_fn(opt_named.init)
+    update = map_fn(opt_named.update)
+    state = init(stacked_params)
+    params = stacked_params
+    for step in range(2):
+        grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), _grads(step), params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_stacked_equals_named_equals_sharded():
+    params = _params()
+    stacked, stacked_state = _run(_wash(shuffle_opt_state=True), params)
+
+    vmapped = lambda f: jax.jit(jax.vmap(f, axis_name="members"))
+    named, named_state = _named_equals_stacked(
+        _wash(shuffle_opt_state=True, axis_name="members"), params, None, vmapped
+    )
+    chex.assert_trees_all_close(named, stacked, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(
+        named_state.inner_state, stacked_state.inner_state, rtol=1e-6, atol=1e-6
+    )
+
+    mesh = jax.make_mesh((M,), ("members",))
+    with jax.set_mesh(mesh):
+        sharded_params = jax.device_put(params, NamedSharding(mesh, P("members")))
+        sharded, _ = _run(_wash(shuffle_opt_state=True), sharded_params)
+    chex.assert_trees_all_close(sharded, stacked, rtol=1e-6, atol=1e-6)
+    for leaf in jax.tree.leaves(sharded):
+        assert leaf.sharding.spec[0] == "members"
+
+
+def test_named_mode_inside_shard_map_with_several_members_per_device():
+    params = _params()
+    stacked, _ = _run(_wash(), params)
+    mesh = jax.make_mesh((4,), ("members",))
+
+    def per_device(f):
+        inner = jax.vmap(f, axis_name="local")
+        return jax.jit(
+            jax.shard_map(
+                inner, mesh=mesh, in_specs=P("members"), out_specs=P("members"),
+                check_vma=False,
+            )
+        )
+
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, NamedSharding(mesh, P("members")))
+        named, _ = _named_equals_stacked(
+            _wash(axis_name=("members", "local")), params, None, per_device
+        )
+    chex.assert_trees_all_close(named, stacked, rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_update_moves_only_selected_values():
+    mesh = jax.make_mesh((M,), ("members",))
+    full = 100 * 100 * 4  # one member's tensor, float32
+    moved = {}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(
+            {"w": jnp.zeros((M, 100, 100))}, NamedSharding(mesh, P("members"))
+        )
+        for p in (0.0, 0.01):
+            opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=p, layer_probs="constant")
+            state = jax.jit(opt.init)(params)
+            compiled = jax.jit(opt.update).lower(params, state, params).compile()
+            moved[p] = optax_wa.comm.collective_bytes(
+                compiled, by_kind=True, in_loops=False
+            )
+    assert sum(moved[0.0].values()) == 0
+    assert moved[0.01]["all-gather"] == 0
+    assert 0 < sum(moved[0.01].values()) < 0.05 * full
+
+
+def test_wash_must_get_params():
+    opt = _wash()
+    params = _params()
+    with pytest.raises(ValueError, match="params"):
+        opt.update(_grads(0), opt.init(params), None)
+
+
+def test_bf16_params_shuffle_exactly():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params(integer=True))
+    out = _SHUFFLE(params, jax.random.key(7), 0.5)
+    chex.assert_trees_all_equal_dtypes(out, params)
+    for k in params:
+        np.testing.assert_array_equal(
+            np.sort(np.asarray(out[k], np.float32), 0),
+            np.sort(np.asarray(params[k], np.float32), 0),
+        )
+
+
+# --- per-tensor probabilities ---------------------------------------------------
+
+
+def _layers(indices, m=2):
+    return {f"layers_{i}": {"kernel": jnp.zeros((m, 3, 3)), "bias": jnp.zeros((m, 3))} for i in indices}
+
+
+def test_linear_schedule_follows_depth_order_not_key_order():
+    indices = range(11)  # layers_10 sorts before layers_2
+    order = [f"layers_{i}" for i in indices]
+    probs = wash_layer_probs(_layers(indices), shuffle_prob=0.5, depth_order=order)
+    for i in indices:
+        expected = 0.5 * (1 - i / 10)
+        assert probs[f"layers_{i}"]["kernel"] == pytest.approx(expected)
+        assert probs[f"layers_{i}"]["bias"] == pytest.approx(expected)
+    assert probs["layers_0"]["kernel"] == 0.5
+    assert probs["layers_10"]["kernel"] == 0.0
+
+
+def test_linear_schedule_callable_depth_order():
+    params = _layers(range(3))
+    depth = lambda path, leaf: int(jax.tree_util.keystr(path).split("_")[1].split("'")[0])
+    probs = wash_layer_probs(params, shuffle_prob=0.2, depth_order=depth)
+    assert probs["layers_0"]["bias"] == 0.2
+    assert probs["layers_1"]["kernel"] == pytest.approx(0.1)
+    assert probs["layers_2"]["kernel"] == 0.0
+
+
+def test_linear_schedule_in_wash_leaves_the_last_layer_untouched():
+    params = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(0), x.shape), _layers(range(3), m=4)
+    )
+    order = ["layers_0", "layers_1", "layers_2"]
+    opt = optax_wa.wash(optax.sgd(0.0), shuffle_prob=1.0, depth_order=order)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(zero, opt.init(params), params)
+    chex.assert_trees_all_equal(updates["layers_2"], zero["layers_2"])
+    assert np.any(np.asarray(updates["layers_0"]["kernel"]) != 0)
+
+
+def test_callable_and_pytree_layer_probs():
+    params = _layers(range(2))
+    by_rank = lambda path, leaf: 0.1 * leaf.ndim  # leaf is one member's shape
+    probs = wash_layer_probs(params, layer_probs=by_rank)
+    assert probs["layers_0"]["kernel"] == pytest.approx(0.2)
+    assert probs["layers_1"]["bias"] == pytest.approx(0.1)
+    tree = {f"layers_{i}": {"kernel": 0.3, "bias": 0.0} for i in range(2)}
+    assert wash_layer_probs(params, layer_probs=tree) == tree
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_shuffle_prob_outside_unit_interval_raises(p):
+    with pytest.raises(ValueError, match="shuffle_prob"):
+        optax_wa.wash(optax.sgd(0.1), shuffle_prob=p)
+
+
+def test_unknown_layer_probs_raises():
+    with pytest.raises(ValueError, match="layer_probs"):
+        optax_wa.wash(optax.sgd(0.1), layer_probs="quadratic")
+
+
+def test_layer_probs_pytree_value_outside_unit_interval_raises():
+    with pytest.raises(ValueError, match="layer_probs"):
+        optax_wa.wash(optax.sgd(0.1), layer_probs={"w": 2.0})
+
+
+def test_linear_without_depth_order_raises_at_init():
+    opt = optax_wa.wash(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="depth_order"):
+        opt.init(_params())
+
+
+def test_depth_order_entry_matching_no_leaf_raises():
+    with pytest.raises(ValueError, match="layer_2"):
+        wash_layer_probs(_layers(range(3)), depth_order=["layers_0", "layers_1", "layer_2"])
+
+
+def test_depth_order_string_raises():
+    with pytest.raises(ValueError, match="depth_order"):
+        optax_wa.wash(optax.sgd(0.1), depth_order="layers_0")
+
+
+def test_seed_must_be_an_integer():
+    with pytest.raises(ValueError, match="seed"):
+        optax_wa.wash(optax.sgd(0.1), seed=0.5)
+
+
+def test_shuffle_opt_state_must_be_a_bool():
+    with pytest.raises(ValueError, match="shuffle_opt_state"):
+        optax_wa.wash(optax.sgd(0.1), shuffle_opt_state="yes")
+
+
+def test_permute_members_stacked_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(K, M\)"):
+        members.permute_members(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="stacked values"):
+        members.permute_members(jnp.zeros((2, 4)), jnp.zeros((3, 2), jnp.int32))
+
+
+def test_threefry_matches_jax():
+    key = jnp.array([0x12345678, 0x9ABCDEF0], jnp.uint32)
+    count = jax.random.bits(jax.random.key(0), (2, 257), jnp.uint32)
+    expected = jax.extend.random.threefry_2x32(key, count)
+    got = shuffling._threefry2x32(key[0], key[1], count[0], count[1])
+    np.testing.assert_array_equal(np.stack(got), np.asarray(expected))
