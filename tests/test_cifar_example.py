@@ -54,6 +54,7 @@ def _compilation_cache(tmp_path_factory):
     previous = {name: getattr(jax.config, name) for name in options}
     for name, value in options.items():
         jax.config.update(name, value)
+    compilation_cache.reset_cache()  # earlier compiles may have initialized it
     yield
     for name, value in previous.items():
         jax.config.update(name, value)

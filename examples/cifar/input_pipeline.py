@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from examples.common import augment, data
 
-IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
 
@@ -49,5 +46,10 @@ def train_base(config):
     return functools.partial(augment.pad_crop_flip, padding=4, flip=config.random_flip)
 
 
-def eval_transform(image: np.ndarray) -> np.ndarray:
-    return image
+def eval_transform(config):
+    """Evaluation images are used as they are."""
+    return lambda image: image
+
+
+def image_shape(config):
+    return (32, 32, 3)

@@ -379,9 +379,8 @@ class Evaluator:
                 params, state
             )
             ensemble = sum(logits[i] for i in range(m)) / m
-            logits = jnp.concatenate(
-                [logits, ensemble[None]]
-            )  # members, average, ensemble
+            # Rows: the members, the average, the ensemble.
+            logits = jnp.concatenate([logits, ensemble[None]])
             correct = ((logits.argmax(-1) == labels) * mask).sum(-1)
             one_hot = jax.nn.one_hot(labels, config.num_classes)
             loss = (optax.softmax_cross_entropy(logits, one_hot) * mask).sum(-1)
@@ -502,7 +501,9 @@ class MetricWriter:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            print(message, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(message)  # above the progress bar, if there is one
 
 
 def _summary(metrics: dict[str, float], num_members: int) -> str:
@@ -576,6 +577,24 @@ class Task:
     train_base: Callable
     eval_transform: Callable
     image_shape: tuple[int, int, int]
+
+
+def make_task(config, input_pipeline, create_model) -> Task:
+    """A :class:`Task` from a trainer's ``input_pipeline`` module and model factory.
+
+    ``input_pipeline`` provides ``get_sources(config)``, ``train_base(config)``,
+    ``eval_transform(config)`` and ``image_shape(config)``;
+    ``create_model(config, rngs)`` builds one member.
+    """
+    train_source, eval_source = input_pipeline.get_sources(config)
+    return Task(
+        create_model=lambda rngs: create_model(config, rngs),
+        train_source=train_source,
+        eval_source=eval_source,
+        train_base=input_pipeline.train_base(config),
+        eval_transform=input_pipeline.eval_transform(config),
+        image_shape=input_pipeline.image_shape(config),
+    )
 
 
 def member_policies(config, num_members: int) -> list[str]:

@@ -27,3 +27,7 @@ def train_base(config):
 
 def eval_transform(config):
     return functools.partial(augment.center_crop, size=config.image_size)
+
+
+def image_shape(config):
+    return (config.image_size, config.image_size, 3)

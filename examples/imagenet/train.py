@@ -14,15 +14,7 @@ from examples.imagenet import input_pipeline, models
 
 
 def create_task(config: ml_collections.ConfigDict) -> trainer.Task:
-    train_source, eval_source = input_pipeline.get_sources(config)
-    return trainer.Task(
-        create_model=lambda rngs: models.create_model(config, rngs),
-        train_source=train_source,
-        eval_source=eval_source,
-        train_base=input_pipeline.train_base(config),
-        eval_transform=input_pipeline.eval_transform(config),
-        image_shape=(config.image_size, config.image_size, 3),
-    )
+    return trainer.make_task(config, input_pipeline, models.create_model)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

@@ -1,7 +1,7 @@
 """SlimCLR on CIFAR-10: a slimmable CIFAR ResNet-18, SimCLR, widths [1, .75, .5, .25].
 
     python -m examples.slimclr.main --workdir=/tmp/slimclr_cifar \
-        --config=examples/slimclr/configs/default.py --logtostderr
+        --config=examples/slimclr/configs/default.py
 
 Prepare CIFAR-10 first (array_record files for ``tfds.data_source``)::
 

@@ -3,7 +3,7 @@
 Runs in a few minutes on a CPU::
 
     python -m examples.slimclr.main --workdir=/tmp/slimclr_mnist1d \
-        --config=examples/slimclr/configs/mnist1d.py --logtostderr
+        --config=examples/slimclr/configs/mnist1d.py
 
 Add ``--config.framework=mocov2`` for the MoCo v2 variant.
 """

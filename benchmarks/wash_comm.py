@@ -1,0 +1,136 @@
+"""Communication of WASH against PAPA and a full all-reduce, from compiled HLO.
+
+8 fake CPU devices, 8 members with ResNet-20's parameter shapes (0.27M
+values per member), the member axis split over an explicit ``("members",)``
+mesh. For every step compiled with ``jax.jit`` the collectives' payload is
+read with :func:`optax_wa.comm.collective_bytes` (per device; the larger of
+each collective's input and output buffers). Printed:
+
+* the full all-reduce: ``psum`` of one member's parameters (the payload of
+  averaging everything once);
+* PAPA (``alpha=0.99, period=10``): its sync step, and amortized per step;
+* WASH at ``p`` in {0, 0.001, 0.01, 0.1} (``layer_probs="constant"``, and the
+  ``"linear"`` depth schedule in definition order), stacked mode: the common
+  path (``in_loops=False``: the extra-round loop runs with probability below
+  1e-6 per step) and the static size of that loop's exchange;
+* WASH in named mode inside ``jax.shard_map`` (one member per device);
+* WASH on a mesh with ``Auto`` axes, where the member axis is not visible in
+  the types and XLA lowers the cross-member gather itself: the cost of not
+  taking the sharded path.
+
+Run: ``python benchmarks/wash_comm.py`` (about a minute of compiling).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from averaging_speed import init_params, resnet20_shapes  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import optax_wa  # noqa: E402
+from optax_wa import members  # noqa: E402
+from optax_wa.comm import collective_bytes  # noqa: E402
+
+M = 8
+PROBS = (0.0, 0.001, 0.01, 0.1)
+
+
+def compile_update(opt, params):
+    state = jax.jit(opt.init)(params)
+    return jax.jit(opt.update).lower(params, state, params).compile()
+
+
+def named_update(opt, mesh, params):
+    state = jax.jit(
+        jax.shard_map(
+            jax.vmap(opt.init, axis_name="local"),
+            mesh=mesh, in_specs=P("members"), out_specs=P("members"), check_vma=False,
+        )
+    )(params)
+    step = jax.shard_map(
+        jax.vmap(opt.update, axis_name="local"),
+        mesh=mesh, in_specs=P("members"), out_specs=P("members"), check_vma=False,
+    )
+    return jax.jit(step).lower(params, state, params).compile()
+
+
+def main():
+    shapes = resnet20_shapes()
+    size = sum(int(np.prod(s)) for s in shapes.values())
+    depth_order = [(name,) for name in shapes]  # definition order, input to output
+    inner = optax.sgd(0.1, momentum=0.9)
+    params0 = members.init_members(lambda k: init_params(k, shapes), jax.random.key(0), M)
+
+    mesh = jax.make_mesh((M,), ("members",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params0, NamedSharding(mesh, P("members")))
+        psum = jax.jit(
+            jax.shard_map(
+                lambda t: jax.tree.map(lambda x: jax.lax.psum(x, "members"), t),
+                mesh=mesh, in_specs=P("members"), out_specs=P("members"),
+            )
+        )
+        full = collective_bytes(psum.lower(params).compile())
+        papa = collective_bytes(compile_update(optax_wa.papa(inner, period=10), params))
+
+        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+              f"{M} members x {size:,} values (ResNet-20 shapes), float32")
+        print("collective payload per device per step (bytes); ratio = / full all-reduce\n")
+        print(f"{'full all-reduce (psum of the params)':44s} {full:>11,d}  1.0000")
+        print(f"{'PAPA period=10, sync step':44s} {papa:>11,d}  {papa / full:.4f}")
+        print(f"{'PAPA period=10, amortized per step':44s} {papa / 10:>11,.0f}  "
+              f"{papa / 10 / full:.4f}")
+
+        rows = []
+        for layer_probs in ("constant", "linear"):
+            for p in PROBS:
+                opt = optax_wa.wash(
+                    inner, shuffle_prob=p, layer_probs=layer_probs, depth_order=depth_order
+                )
+                compiled = compile_update(opt, params)
+                common = collective_bytes(compiled, in_loops=False)
+                kinds = collective_bytes(compiled, by_kind=True, in_loops=False)
+                loop = collective_bytes(compiled) - common
+                rows.append((layer_probs, p, common, loop, kinds))
+        print()
+        print(f"{'WASH (stacked, explicit mesh)':30s} {'p':>6s} {'bytes/step':>11s} "
+              f"{'ratio':>7s} {'bytes/(p*full)':>14s} {'extra-round loop':>16s}  kinds")
+        for layer_probs, p, common, loop, kinds in rows:
+            scaled = f"{common / (p * full):14.3f}" if p else f"{'-':>14s}"
+            used = {k: v for k, v in kinds.items() if v}
+            print(f"{'  layer_probs=' + layer_probs:30s} {p:6g} {common:>11,d} "
+                  f"{common / full:7.4f} {scaled} {loop:>16,d}  {used}")
+
+        print()
+        for p in (0.0, 0.01):
+            opt = optax_wa.wash(inner, shuffle_prob=p, layer_probs="constant",
+                                axis_name=("members", "local"))
+            named = collective_bytes(named_update(opt, mesh, params), in_loops=False)
+            print(f"WASH named mode in shard_map, p={p:g}: {named:,d} bytes "
+                  f"({named / full:.4f} of the all-reduce)")
+
+    auto = jax.make_mesh((M,), ("members",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(auto):
+        params = jax.device_put(params0, NamedSharding(auto, P("members")))
+        opt = optax_wa.wash(inner, shuffle_prob=0.01, layer_probs="constant")
+        compiled = compile_update(opt, params)
+        kinds = collective_bytes(compiled, by_kind=True, in_loops=False)
+        total = sum(kinds.values())
+        print(f"\nWASH p=0.01 on an Auto mesh (no sharded path; XLA's own "
+              f"collectives): {total:,d} bytes ({total / full:.2f} of the all-reduce) "
+              f"{ {k: v for k, v in kinds.items() if v} }")
+
+
+if __name__ == "__main__":
+    main()
