@@ -51,6 +51,7 @@ class Config:
     eval_every: int = 250
     seed: int = 0
     rho: float = 0.05
+    shuffle_prob: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,18 @@ METHODS: dict[str, Method] = {
     "papa": Method(
         "PAPA, alpha 0.99 every 10 steps",
         lambda inner, cfg: optax_wa.papa(inner, alpha=0.99, period=10),
+    ),
+    "wash": Method(
+        "WASH, p 0.01 linear in depth, optimizer state shuffled too",
+        lambda inner, cfg: optax_wa.wash(
+            inner,
+            shuffle_prob=cfg.shuffle_prob,
+            layer_probs="linear",
+            depth_order=["conv1", "conv2", "conv3", "head"],
+            shuffle_opt_state=True,
+            seed=cfg.seed,
+        ),
+        same_init=True,
     ),
     "sam": Method(
         "independent members, SAM gradients (rho 0.05)",
