@@ -9,7 +9,8 @@ steps, 3 seeds. Methods:
 * **PAPA**: ``optax_wa.papa(inner, alpha=0.99, period=10)``;
 * **WASH**: ``optax_wa.wash(inner, shuffle_prob=p, depth_order=[layer 0,
   layer 1, layer 2])`` (linear depth schedule: the output layer is never
-  shuffled), and WASH+Opt (``shuffle_opt_state=True``).
+  shuffled) for every ``p`` of ``--shuffle-probs`` (default 0.003 and 0.01),
+  and WASH+Opt (``shuffle_opt_state=True``) at the last ``p``.
 
 Members start from different initializations (``--init different``, the
 setting where a plain weight average fails) or from one
@@ -23,7 +24,7 @@ independently trained members and close to its own ensemble.
 Data: MNIST-1D generated locally (``mnist1d.data.make_dataset`` with
 ``get_dataset_args()``: 4000 train / 1000 test signals of length 40).
 
-Run: ``python benchmarks/wash_accuracy.py`` (about 3 minutes on 2 cores).
+Run: ``python benchmarks/wash_accuracy.py`` (about 5 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def init_mlp(key):
     keys = jax.random.split(key, len(SIZES) - 1)
     he = jax.nn.initializers.he_normal()
     return {
-        f"layer_{i}": {"w": he(k, (m, n), jnp.float32), "b": jnp.zeros((n,), jnp.float32)}
+        f"layer_{i}": {
+            "w": he(k, (m, n), jnp.float32),
+            "b": jnp.zeros((n,), jnp.float32),
+        }
         for i, (k, m, n) in enumerate(zip(keys, SIZES[:-1], SIZES[1:]))
     }
 
@@ -79,7 +83,7 @@ def loss_fn(params, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_optimizer(method, steps, p):
+def make_optimizer(method, steps):
     schedule = optax.cosine_decay_schedule(0.05, steps)
     inner = optax.chain(
         optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9)
@@ -88,21 +92,23 @@ def make_optimizer(method, steps, p):
         return members.per_member(inner)
     if method == "papa":
         return optax_wa.papa(inner, alpha=0.99, period=10)
-    if method == "wash":
-        return optax_wa.wash(inner, shuffle_prob=p, depth_order=DEPTH_ORDER)
-    if method == "wash+opt":
+    name, _, p = method.partition(" p=")
+    if name in ("wash", "wash+opt"):
         return optax_wa.wash(
-            inner, shuffle_prob=p, depth_order=DEPTH_ORDER, shuffle_opt_state=True
+            inner,
+            shuffle_prob=float(p),
+            depth_order=DEPTH_ORDER,
+            shuffle_opt_state=name == "wash+opt",
         )
     raise ValueError(method)
 
 
-def train(method, seed, init, steps, p, train_data, test_data):
+def train(method, seed, init, steps, train_data, test_data):
     x, y = train_data
     key = jax.random.key(seed)
     init_key, data_key = jax.random.split(key)
     params = members.init_members(init_mlp, init_key, MEMBERS, same_init=init == "same")
-    opt = make_optimizer(method, steps, p)
+    opt = make_optimizer(method, steps)
     state = opt.init(params)
     grad = jax.vmap(jax.grad(loss_fn))
     n = x.shape[0]
@@ -110,7 +116,9 @@ def train(method, seed, init, steps, p, train_data, test_data):
 
     def epoch_orders(k):  # every member its own data order
         keys = jax.random.split(k, MEMBERS)
-        return jax.vmap(lambda kk: jax.random.permutation(kk, n)[: per_epoch * BATCH])(keys)
+        return jax.vmap(lambda kk: jax.random.permutation(kk, n)[: per_epoch * BATCH])(
+            keys
+        )
 
     @jax.jit
     def run(params, state, data_key):
@@ -146,42 +154,54 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shuffle-prob", type=float, default=0.01)
+    parser.add_argument("--shuffle-probs", type=float, nargs="+", default=[0.003, 0.01])
     parser.add_argument("--init", choices=["different", "same", "both"], default="both")
-    parser.add_argument(
-        "--methods", nargs="+", default=["independent", "papa", "wash", "wash+opt"]
-    )
     args = parser.parse_args()
+    methods = ["independent", "papa"] + [f"wash p={p:g}" for p in args.shuffle_probs]
+    methods.append(f"wash+opt p={args.shuffle_probs[-1]:g}")
     train_data, test_data = load_mnist1d()
     inits = ["different", "same"] if args.init == "both" else [args.init]
-    print(f"MNIST-1D {train_data[0].shape[0]} train / {test_data[0].shape[0]} test; "
-          f"{MEMBERS} members MLP {'-'.join(map(str, SIZES))}; {args.steps} steps, "
-          f"batch {BATCH}/member; WASH p={args.shuffle_prob} linear; seeds {args.seeds}")
+    print(
+        f"MNIST-1D {train_data[0].shape[0]} train / {test_data[0].shape[0]} test; "
+        f"{MEMBERS} members MLP {'-'.join(map(str, SIZES))}; {args.steps} steps, "
+        f"batch {BATCH}/member; WASH linear depth schedule; seeds {args.seeds}"
+    )
     start = time.time()
     table = {}
     for init in inits:
-        for method in args.methods:
+        for method in methods:
             runs = [
-                train(method, s, init, args.steps, args.shuffle_prob, train_data, test_data)
+                train(method, s, init, args.steps, train_data, test_data)
                 for s in args.seeds
             ]
             table[(init, method)] = runs
-            print(f"  {init:9s} {method:12s} " + "  ".join(
-                f"seed {s}: mem {r['members']:.1f} ens {r['ensemble']:.1f} "
-                f"avg {r['average']:.1f}" for s, r in zip(args.seeds, runs)
-            ), flush=True)
-    print(f"\ntest accuracy (%), mean +- std over {len(args.seeds)} seeds "
-          f"({time.time() - start:.0f} s)")
-    print(f"| init | method | members | logit ensemble | averaged model | "
-          f"ensemble - average |")
+            print(
+                f"  {init:9s} {method:16s} "
+                + "  ".join(
+                    f"seed {s}: mem {r['members']:.1f} ens {r['ensemble']:.1f} "
+                    f"avg {r['average']:.1f}"
+                    for s, r in zip(args.seeds, runs)
+                ),
+                flush=True,
+            )
+    print(
+        f"\ntest accuracy (%), mean +- std over {len(args.seeds)} seeds "
+        f"({time.time() - start:.0f} s)"
+    )
+    print(
+        "| init | method | members | logit ensemble | averaged model | "
+        "ensemble - average |"
+    )
     print("|---|---|---|---|---|---|")
     for (init, method), runs in table.items():
-        cell = lambda key: (
+        cell = lambda key, runs=runs: (
             f"{np.mean([r[key] for r in runs]):.1f} +- {np.std([r[key] for r in runs]):.1f}"
         )
         gap = [r["ensemble"] - r["average"] for r in runs]
-        print(f"| {init} | {method} | {cell('members')} | {cell('ensemble')} | "
-              f"{cell('average')} | {np.mean(gap):.1f} |")
+        print(
+            f"| {init} | {method} | {cell('members')} | {cell('ensemble')} | "
+            f"{cell('average')} | {np.mean(gap):.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from averaging_speed import init_params, resnet20_shapes  # noqa: E402
@@ -55,12 +54,18 @@ def named_update(opt, mesh, params):
     state = jax.jit(
         jax.shard_map(
             jax.vmap(opt.init, axis_name="local"),
-            mesh=mesh, in_specs=P("members"), out_specs=P("members"), check_vma=False,
+            mesh=mesh,
+            in_specs=P("members"),
+            out_specs=P("members"),
+            check_vma=False,
         )
     )(params)
     step = jax.shard_map(
         jax.vmap(opt.update, axis_name="local"),
-        mesh=mesh, in_specs=P("members"), out_specs=P("members"), check_vma=False,
+        mesh=mesh,
+        in_specs=P("members"),
+        out_specs=P("members"),
+        check_vma=False,
     )
     return jax.jit(step).lower(params, state, params).compile()
 
@@ -70,7 +75,9 @@ def main():
     size = sum(int(np.prod(s)) for s in shapes.values())
     depth_order = [(name,) for name in shapes]  # definition order, input to output
     inner = optax.sgd(0.1, momentum=0.9)
-    params0 = members.init_members(lambda k: init_params(k, shapes), jax.random.key(0), M)
+    params0 = members.init_members(
+        lambda k: init_params(k, shapes), jax.random.key(0), M
+    )
 
     mesh = jax.make_mesh((M,), ("members",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh):
@@ -78,25 +85,36 @@ def main():
         psum = jax.jit(
             jax.shard_map(
                 lambda t: jax.tree.map(lambda x: jax.lax.psum(x, "members"), t),
-                mesh=mesh, in_specs=P("members"), out_specs=P("members"),
+                mesh=mesh,
+                in_specs=P("members"),
+                out_specs=P("members"),
             )
         )
         full = collective_bytes(psum.lower(params).compile())
         papa = collective_bytes(compile_update(optax_wa.papa(inner, period=10), params))
 
-        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
-              f"{M} members x {size:,} values (ResNet-20 shapes), float32")
-        print("collective payload per device per step (bytes); ratio = / full all-reduce\n")
+        print(
+            f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+            f"{M} members x {size:,} values (ResNet-20 shapes), float32"
+        )
+        print(
+            "collective payload per device per step (bytes); ratio = / full all-reduce\n"
+        )
         print(f"{'full all-reduce (psum of the params)':44s} {full:>11,d}  1.0000")
         print(f"{'PAPA period=10, sync step':44s} {papa:>11,d}  {papa / full:.4f}")
-        print(f"{'PAPA period=10, amortized per step':44s} {papa / 10:>11,.0f}  "
-              f"{papa / 10 / full:.4f}")
+        print(
+            f"{'PAPA period=10, amortized per step':44s} {papa / 10:>11,.0f}  "
+            f"{papa / 10 / full:.4f}"
+        )
 
         rows = []
         for layer_probs in ("constant", "linear"):
             for p in PROBS:
                 opt = optax_wa.wash(
-                    inner, shuffle_prob=p, layer_probs=layer_probs, depth_order=depth_order
+                    inner,
+                    shuffle_prob=p,
+                    layer_probs=layer_probs,
+                    depth_order=depth_order,
                 )
                 compiled = compile_update(opt, params)
                 common = collective_bytes(compiled, in_loops=False)
@@ -104,21 +122,31 @@ def main():
                 loop = collective_bytes(compiled) - common
                 rows.append((layer_probs, p, common, loop, kinds))
         print()
-        print(f"{'WASH (stacked, explicit mesh)':30s} {'p':>6s} {'bytes/step':>11s} "
-              f"{'ratio':>7s} {'bytes/(p*full)':>14s} {'extra-round loop':>16s}  kinds")
+        print(
+            f"{'WASH (stacked, explicit mesh)':30s} {'p':>6s} {'bytes/step':>11s} "
+            f"{'ratio':>7s} {'bytes/(p*full)':>14s} {'extra-round loop':>16s}  kinds"
+        )
         for layer_probs, p, common, loop, kinds in rows:
             scaled = f"{common / (p * full):14.3f}" if p else f"{'-':>14s}"
             used = {k: v for k, v in kinds.items() if v}
-            print(f"{'  layer_probs=' + layer_probs:30s} {p:6g} {common:>11,d} "
-                  f"{common / full:7.4f} {scaled} {loop:>16,d}  {used}")
+            print(
+                f"{'  layer_probs=' + layer_probs:30s} {p:6g} {common:>11,d} "
+                f"{common / full:7.4f} {scaled} {loop:>16,d}  {used}"
+            )
 
         print()
         for p in (0.0, 0.01):
-            opt = optax_wa.wash(inner, shuffle_prob=p, layer_probs="constant",
-                                axis_name=("members", "local"))
+            opt = optax_wa.wash(
+                inner,
+                shuffle_prob=p,
+                layer_probs="constant",
+                axis_name=("members", "local"),
+            )
             named = collective_bytes(named_update(opt, mesh, params), in_loops=False)
-            print(f"WASH named mode in shard_map, p={p:g}: {named:,d} bytes "
-                  f"({named / full:.4f} of the all-reduce)")
+            print(
+                f"WASH named mode in shard_map, p={p:g}: {named:,d} bytes "
+                f"({named / full:.4f} of the all-reduce)"
+            )
 
     auto = jax.make_mesh((M,), ("members",), axis_types=(AxisType.Auto,))
     with jax.set_mesh(auto):
@@ -127,9 +155,11 @@ def main():
         compiled = compile_update(opt, params)
         kinds = collective_bytes(compiled, by_kind=True, in_loops=False)
         total = sum(kinds.values())
-        print(f"\nWASH p=0.01 on an Auto mesh (no sharded path; XLA's own "
-              f"collectives): {total:,d} bytes ({total / full:.2f} of the all-reduce) "
-              f"{ {k: v for k, v in kinds.items() if v} }")
+        print(
+            f"\nWASH p=0.01 on an Auto mesh (no sharded path; XLA's own "
+            f"collectives): {total:,d} bytes ({total / full:.2f} of the all-reduce) "
+            f"{ {k: v for k, v in kinds.items() if v} }"
+        )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def main():
 
     shapes = resnet20_shapes()
     depth_order = [(name,) for name in shapes]  # definition order
-    params = members.init_members(lambda key: init_params(key, shapes), jax.random.key(0), m)
+    params = members.init_members(
+        lambda key: init_params(key, shapes), jax.random.key(0), m
+    )
     size = sum(int(np.prod(s)) for s in shapes.values())
     inner = optax.sgd(0.1, momentum=0.9)
     opts = {BASE: members.per_member(inner)}
@@ -84,9 +86,11 @@ def main():
         inner, shuffle_prob=0.01, layer_probs="constant", shuffle_opt_state=True
     )
     opts["papa (period=10)"] = optax_wa.papa(inner, alpha=0.99, period=10)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-          f"{m} members x {size:,} values (ResNet-20 shapes); load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"{m} members x {size:,} values (ResNet-20 shapes); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
     grads = jax.tree.map(lambda x: 1e-3 * np.ones_like(x), params)
     update = compare(opts, grads, make_update_only_step, params, window, args.repeats)
@@ -98,13 +102,17 @@ def main():
     )
     train = compare(opts, batch, make_train_step, params, window, args.train_repeats)
 
-    print("\n| method | update ms | update ratio | update+apply ms | update+apply ratio "
-          "| train step ms | train-step ratio |")
+    print(
+        "\n| method | update ms | update ratio | update+apply ms | update+apply ratio "
+        "| train step ms | train-step ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in opts:
-        print(f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[BASE]:.3f} | "
-              f"{1e3 * applied[name]:.3f} | {applied[name] / applied[BASE]:.3f} | "
-              f"{1e3 * train[name]:.1f} | {train[name] / train[BASE]:.3f} |")
+        print(
+            f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[BASE]:.3f} | "
+            f"{1e3 * applied[name]:.3f} | {applied[name] / applied[BASE]:.3f} | "
+            f"{1e3 * train[name]:.1f} | {train[name] / train[BASE]:.3f} |"
+        )
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -202,7 +202,8 @@ def collective_bytes(
             operand_bytes = _array_bytes(operands)
         else:
             operand_bytes = sum(
-                _array_bytes(shapes.get(name, "")) for name in _OPERAND.findall(operands)
+                _array_bytes(shapes.get(name, ""))
+                for name in _OPERAND.findall(operands)
             )
         result_bytes = _array_bytes(shape)
         if is_start and shape.startswith("("):

@@ -437,7 +437,8 @@ def _explicit_member_axes(x) -> tuple[Any, tuple[str, ...]] | None:
 
 def _exclusive_rank(groups: jax.Array, valid: jax.Array, num_groups: int) -> jax.Array:
     """For each item, the number of earlier valid items in the same group."""
-    onehot = (groups[:, None] == jnp.arange(num_groups, dtype=groups.dtype)) & valid[:, None]
+    lanes = jnp.arange(num_groups, dtype=groups.dtype)
+    onehot = (groups[:, None] == lanes) & valid[:, None]
     running = jnp.cumsum(onehot.astype(jnp.int32), axis=0)
     return jnp.take_along_axis(running, groups[:, None], axis=1)[:, 0] - 1
 
@@ -540,7 +541,9 @@ def permute_members(
     """
     perms = jnp.asarray(perms, jnp.int32)
     if perms.ndim != 2:
-        raise ValueError(f"permute_members: perms must be (K, M), got shape {perms.shape}.")
+        raise ValueError(
+            f"permute_members: perms must be (K, M), got shape {perms.shape}."
+        )
     num_items, size = perms.shape
     valid = jnp.ones((num_items,), bool) if valid is None else jnp.asarray(valid, bool)
     if capacity is None:

@@ -16,19 +16,19 @@ Selection is exact and ``O(k)``: the selected coordinates of a tensor of
 gaps ``G ~ Geometric(p)`` in a static number of slots, a bound ``K`` on
 ``Binomial(d, p)`` exceeded with probability below ``1e-9``. Item ``t`` (the
 ``t``-th selected coordinate of a tensor) draws its gap and its permutation
-from its own key, ``fold_in(tensor_key, t)``; when the slots (or, sharded,
-the exchange buffers) do not suffice, a ``lax.while_loop`` processes the rest
-in another round with the very same draws, so the selection is exactly
-"each coordinate independently with probability ``p``" (up to float32
-uniforms), never truncated. The common case is one round.
+from Threefry-2x32 of the counter ``(t, tensor)`` under the step's key; when
+the slots (or, sharded, the exchange buffers) do not suffice, a
+``lax.while_loop`` processes the rest in further rounds with the very same
+draws, so the selection is exactly "each coordinate independently with
+probability ``p``" (up to float32 uniforms), never truncated. The common case
+is one round, run straight-line.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -229,7 +229,9 @@ def wash_layer_probs(
         raise ValueError("wash_layer_probs: params have no leaves.")
     paths = [path for path, _ in flat]
     structs = [
-        jax.ShapeDtypeStruct(np.shape(leaf)[1:] if stacked else np.shape(leaf), leaf.dtype)
+        jax.ShapeDtypeStruct(
+            np.shape(leaf)[1:] if stacked else np.shape(leaf), leaf.dtype
+        )
         for _, leaf in flat
     ]
     if isinstance(layer_probs, str) and layer_probs == "constant":
@@ -240,7 +242,9 @@ def wash_layer_probs(
         probs = [round(shuffle_prob * (1.0 - d / scale), 15) for d in depths]
     elif callable(layer_probs):
         probs = [
-            _check_prob(f"layer_probs({jax.tree_util.keystr(path)})", layer_probs(path, s))
+            _check_prob(
+                f"layer_probs({jax.tree_util.keystr(path)})", layer_probs(path, s)
+            )
             for path, s in zip(paths, structs)
         ]
     else:
@@ -316,7 +320,7 @@ def _permutations(words, num_members):
     return jnp.asarray(table)[row].astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _permutation_table(num_members: int) -> np.ndarray:
     return np.array(list(itertools.permutations(range(num_members))), np.int8)
 
@@ -346,7 +350,9 @@ def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
     words = []
     for lane in range(width):  # 2 words per lane: the gap, then permutation words
         words.extend(
-            _threefry2x32(keypair[0], keypair[1], items, leaf_ids * np.uint32(width) + lane)
+            _threefry2x32(
+                keypair[0], keypair[1], items, leaf_ids * np.uint32(width) + lane
+            )
         )
     words = jax.lax.optimization_barrier(words)  # computed once, read twice
 
@@ -387,8 +393,9 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
 
     ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
     mode and ``(d,)`` in named mode. An array with a base holds an update:
-    its value is ``base + array`` (the new parameter) and it is written back
-    as ``shuffled - base``; an array without one is shuffled as is.
+    its value is ``base + array`` (the new parameter, in the base's dtype)
+    and it becomes ``array + (shuffled - value)``; an array without a base is
+    shuffled as is.
     """
     stacked = axis_name is None
     jobs = [job for job in jobs if job.prob > 0.0]
@@ -415,7 +422,9 @@ def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
     def one_round(carry):
         arrays, starts, lasts, _ = carry
         arrays = list(arrays)
-        drawn = _draw_round(keypair, starts, lasts, jobs, num_members, (seg, first, local))
+        drawn = _draw_round(
+            keypair, starts, lasts, jobs, num_members, (seg, first, local)
+        )
         num_valid = jnp.minimum(drawn.num_valid, jnp.asarray(counts, jnp.int32))
         valid = jnp.asarray(local, jnp.int32) < num_valid[seg]
 
@@ -489,7 +498,9 @@ def _leaf_size(leaf, stacked) -> int:
     shape = np.shape(leaf)[1:] if stacked else np.shape(leaf)
     size = int(np.prod(shape, dtype=np.int64))
     if size >= _MAX_LEAF_SIZE:
-        raise ValueError(f"wash: tensors above 2**29 values per member are not supported ({shape}).")
+        raise ValueError(
+            f"wash: tensors above 2**29 values per member are not supported ({shape})."
+        )
     return size
 
 
@@ -558,14 +569,16 @@ def shuffle_coordinates(
     ]
     flat = [_flat(leaf, stacked) for leaf in leaves]
     out = _shuffle(flat, [], jobs, key, num_members, axis_name)
-    return jax.tree.unflatten(treedef, [o.reshape(leaf.shape) for o, leaf in zip(out, leaves)])
+    return jax.tree.unflatten(
+        treedef, [o.reshape(leaf.shape) for o, leaf in zip(out, leaves)]
+    )
 
 
 # ---------------------------------------------------------------------------
 # The optimizer.
 
 
-def _params_shaped_state(inner, inner_state, params, stacked):
+def _params_shaped_state(inner, inner_state, params):
     """Groups the inner state's params-shaped leaves by parameter leaf.
 
     Returns ``(groups, rebuild)``: ``groups[i]`` lists the state leaves that
@@ -666,7 +679,9 @@ def wash(
       shuffle_opt_state: if True, the inner state's params-shaped leaves
         (momentum, Adam moments) are shuffled with the same coordinates and
         permutations as their parameter (WASH+Opt).
-      seed: the integer seed of the shuffle.
+      seed: the integer seed of the shuffle; static (with
+        ``optax.inject_hyperparams``, list ``"shuffle_prob"`` and ``"seed"`` in
+        ``static_args``).
       axis_name: ``None`` (stacked mode: params carry a leading member axis)
         or the mapped member axis name (named mode; a tuple of names spans
         several mapped axes, e.g. ``("members", "local")`` for members vmapped
@@ -693,9 +708,14 @@ def wash(
     _check_layer_probs(layer_probs)
     _check_depth_order(depth_order)
     if not isinstance(shuffle_opt_state, bool):
-        raise ValueError(f"shuffle_opt_state must be a bool, got {shuffle_opt_state!r}.")
+        raise ValueError(
+            f"shuffle_opt_state must be a bool, got {shuffle_opt_state!r}."
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
+        raise ValueError(
+            f"seed must be a Python integer, got {seed!r} (it is static: with "
+            "optax.inject_hyperparams list it in static_args)."
+        )
     raw_inner = optax.with_extra_args_support(inner)
     per_member = members.per_member(raw_inner, axis_name)
     stacked = axis_name is None
@@ -720,7 +740,9 @@ def wash(
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
-            raise ValueError("wash rewrites the parameters and needs `params` in update.")
+            raise ValueError(
+                "wash rewrites the parameters and needs `params` in update."
+            )
         inner_updates, inner_state = per_member.update(
             updates, state.inner_state, params, **extra_args
         )
@@ -735,7 +757,7 @@ def wash(
         bases = [_flat(p, stacked) for p in param_leaves]
         groups, rebuild = {}, None
         if shuffle_opt_state:
-            groups, rebuild = _params_shaped_state(raw_inner, inner_state, params, stacked)
+            groups, rebuild = _params_shaped_state(raw_inner, inner_state, params)
         jobs, state_slots = [], {}
         for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
             if prob == 0.0:
@@ -746,7 +768,9 @@ def wash(
                 job_arrays.append(len(arrays))
                 job_bases.append(None)
                 arrays.append(_flat(s, stacked))
-            jobs.append(_make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases))
+            jobs.append(
+                _make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases)
+            )
 
         step_key = jax.random.fold_in(state.key, state.count)
         num_members = _member_count(params, axis_name)

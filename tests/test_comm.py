@@ -27,7 +27,10 @@ def _compiled(fn):
 CASES = {
     "all-reduce": (lambda b: lax.psum(b, "d"), ROW * 4),
     "all-gather": (lambda b: lax.all_gather(b, "d", tiled=True), D * ROW * 4),
-    "all-to-all": (lambda b: lax.all_to_all(b.reshape(D, ROW // D), "d", 0, 0), ROW * 4),
+    "all-to-all": (
+        lambda b: lax.all_to_all(b.reshape(D, ROW // D), "d", 0, 0),
+        ROW * 4,
+    ),
     "collective-permute": (
         lambda b: lax.ppermute(b, "d", [(i, (i + 1) % D) for i in range(D)]),
         ROW * 4,

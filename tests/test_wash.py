@@ -58,7 +58,9 @@ def test_shuffle_keeps_the_multiset_of_member_values_per_coordinate():
     out = _SHUFFLE(params, jax.random.key(1), 0.3)
     changed = 0
     for k in params:
-        np.testing.assert_array_equal(np.sort(out[k], axis=0), np.sort(params[k], axis=0))
+        np.testing.assert_array_equal(
+            np.sort(out[k], axis=0), np.sort(params[k], axis=0)
+        )
         changed += int(np.sum(np.asarray(out[k]) != np.asarray(params[k])))
     assert changed > 0  # the test data did get shuffled
 
@@ -81,8 +83,12 @@ def test_wash_keeps_the_member_mean_exactly():
     new = optax.apply_updates(params, updates)
     assert not all(np.array_equal(new[k], params[k]) for k in params)
     for k in params:
-        np.testing.assert_array_equal(np.sort(new[k], axis=0), np.sort(params[k], axis=0))
-    chex.assert_trees_all_equal(members.average_members(new), members.average_members(params))
+        np.testing.assert_array_equal(
+            np.sort(new[k], axis=0), np.sort(params[k], axis=0)
+        )
+    chex.assert_trees_all_equal(
+        members.average_members(new), members.average_members(params)
+    )
 
 
 def test_zero_probability_is_the_identity():
@@ -142,7 +148,9 @@ def test_extra_rounds_give_the_same_result(monkeypatch):
     monkeypatch.setattr(members, "_count_upper_bound", lambda mean, limit, tail=0: 2)
     stacked = jax.jit(lambda t: shuffle_coordinates(t, key, 0.4))
     named = jax.jit(
-        jax.vmap(lambda t: shuffle_coordinates(t, key, 0.4, axis_name="m"), axis_name="m")
+        jax.vmap(
+            lambda t: shuffle_coordinates(t, key, 0.4, axis_name="m"), axis_name="m"
+        )
     )
     chex.assert_trees_all_equal(stacked(params), one_round)
     chex.assert_trees_all_equal(named(params), one_round)
@@ -166,7 +174,11 @@ def test_optimizer_state_moves_with_its_parameter():
         ]
         for k in params:
             unshuffled = np.asarray(params[k] - lr * grads[k])
-            got, mom, g = np.asarray(new[k]), np.asarray(momentum[k]), np.asarray(grads[k])
+            got, mom, g = (
+                np.asarray(new[k]),
+                np.asarray(momentum[k]),
+                np.asarray(grads[k]),
+            )
             source = np.argmin(np.abs(got[:, None] - unshuffled[None]), axis=1)
             np.testing.assert_allclose(
                 got, np.take_along_axis(unshuffled, source, 0), rtol=1e-6, atol=1e-6
@@ -210,7 +222,9 @@ def _named_equals_stacked(opt_named, stacked_params, stacked_state, map_fn):
     state = init(stacked_params)
     params = stacked_params
     for step in range(2):
-        grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), _grads(step), params)
+        grads = jax.tree.map(
+            lambda g, p: jax.device_put(g, p.sharding), _grads(step), params
+        )
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
     return params, state
@@ -247,7 +261,10 @@ def test_named_mode_inside_shard_map_with_several_members_per_device():
         inner = jax.vmap(f, axis_name="local")
         return jax.jit(
             jax.shard_map(
-                inner, mesh=mesh, in_specs=P("members"), out_specs=P("members"),
+                inner,
+                mesh=mesh,
+                in_specs=P("members"),
+                out_specs=P("members"),
                 check_vma=False,
             )
         )
@@ -302,7 +319,10 @@ def test_bf16_params_shuffle_exactly():
 
 
 def _layers(indices, m=2):
-    return {f"layers_{i}": {"kernel": jnp.zeros((m, 3, 3)), "bias": jnp.zeros((m, 3))} for i in indices}
+    return {
+        f"layers_{i}": {"kernel": jnp.zeros((m, 3, 3)), "bias": jnp.zeros((m, 3))}
+        for i in indices
+    }
 
 
 def test_linear_schedule_follows_depth_order_not_key_order():
@@ -319,7 +339,9 @@ def test_linear_schedule_follows_depth_order_not_key_order():
 
 def test_linear_schedule_callable_depth_order():
     params = _layers(range(3))
-    depth = lambda path, leaf: int(jax.tree_util.keystr(path).split("_")[1].split("'")[0])
+    depth = lambda path, leaf: int(
+        jax.tree_util.keystr(path).split("_")[1].split("'")[0]
+    )
     probs = wash_layer_probs(params, shuffle_prob=0.2, depth_order=depth)
     assert probs["layers_0"]["bias"] == 0.2
     assert probs["layers_1"]["kernel"] == pytest.approx(0.1)
@@ -375,7 +397,9 @@ def test_linear_without_depth_order_raises_at_init():
 
 def test_depth_order_entry_matching_no_leaf_raises():
     with pytest.raises(ValueError, match="layer_2"):
-        wash_layer_probs(_layers(range(3)), depth_order=["layers_0", "layers_1", "layer_2"])
+        wash_layer_probs(
+            _layers(range(3)), depth_order=["layers_0", "layers_1", "layer_2"]
+        )
 
 
 def test_depth_order_string_raises():
