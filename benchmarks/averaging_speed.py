@@ -76,20 +76,31 @@ def _conv(x, w, stride=1):
 
 def resnet20_loss(params, images, labels):
     """ResNet-20 forward pass (batch-statistics normalization) and loss."""
-    h = jax.nn.relu(_norm(_conv(images, params["stem/conv"]), params["stem/bn_scale"],
-                          params["stem/bn_bias"]))
+    h = jax.nn.relu(
+        _norm(
+            _conv(images, params["stem/conv"]),
+            params["stem/bn_scale"],
+            params["stem/bn_bias"],
+        )
+    )
     for stage in range(3):
         for block in range(3):
             p = f"s{stage}b{block}"
             stride = 2 if (stage > 0 and block == 0) else 1
             out = _conv(h, params[f"{p}/conv1"], stride)
-            out = jax.nn.relu(_norm(out, params[f"{p}/bn1_scale"], params[f"{p}/bn1_bias"]))
+            out = jax.nn.relu(
+                _norm(out, params[f"{p}/bn1_scale"], params[f"{p}/bn1_bias"])
+            )
             out = _conv(out, params[f"{p}/conv2"])
             out = _norm(out, params[f"{p}/bn2_scale"], params[f"{p}/bn2_bias"])
-            shortcut = _conv(h, params[f"{p}/proj"], stride) if f"{p}/proj" in params else h
+            shortcut = (
+                _conv(h, params[f"{p}/proj"], stride) if f"{p}/proj" in params else h
+            )
             h = jax.nn.relu(out + shortcut)
     logits = h.mean(axis=(1, 2)) @ params["head/w"] + params["head/b"]
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    return -jnp.mean(
+        jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)
+    )
 
 
 def make_update_step(opt):
@@ -132,7 +143,9 @@ def compare(opts, inputs, make_step, params0, period, repeats):
         runs[name] = [step, params, state, []]
     for _ in range(repeats):
         for run in runs.values():  # interleaved: same machine conditions
-            seconds, run[1], run[2] = time_period(run[0], run[1], run[2], inputs, period)
+            seconds, run[1], run[2] = time_period(
+                run[0], run[1], run[2], inputs, period
+            )
             run[3].append(seconds / period)
     return {name: float(np.median(run[3])) for name, run in runs.items()}
 
@@ -149,7 +162,9 @@ def main():
     m, k = args.members, 10
 
     shapes = resnet20_shapes()
-    params = members.init_members(lambda key: init_params(key, shapes), jax.random.key(0), m)
+    params = members.init_members(
+        lambda key: init_params(key, shapes), jax.random.key(0), m
+    )
     size = sum(int(np.prod(s)) for s in shapes.values())
     inner = optax.sgd(0.1, momentum=0.9)
     opts = {
@@ -157,8 +172,10 @@ def main():
         "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
         "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
     }
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-          f"{m} members x {size:,} values (ResNet-20 shapes)")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"{m} members x {size:,} values (ResNet-20 shapes)"
+    )
 
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
     update = compare(opts, grads, make_update_step, params, k, args.repeats)
@@ -170,11 +187,15 @@ def main():
     train = compare(opts, batch, make_train_step, params, k, args.train_repeats)
 
     base = "inner (vmapped sgd+momentum)"
-    print("\n| method | update ms/step | update ratio | train step ms | train-step ratio |")
+    print(
+        "\n| method | update ms/step | update ratio | train step ms | train-step ratio |"
+    )
     print("|---|---|---|---|---|")
     for name in opts:
-        print(f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[base]:.3f} | "
-              f"{1e3 * train[name]:.1f} | {train[name] / train[base]:.3f} |")
+        print(
+            f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[base]:.3f} | "
+            f"{1e3 * train[name]:.1f} | {train[name] / train[base]:.3f} |"
+        )
 
 
 if __name__ == "__main__":

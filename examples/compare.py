@@ -65,7 +65,9 @@ class Method:
     """
 
     description: str
-    optimizer: Callable[[optax.GradientTransformation, Config], optax.GradientTransformation]
+    optimizer: Callable[
+        [optax.GradientTransformation, Config], optax.GradientTransformation
+    ]
     grad_oracle: Callable[[Callable, Config], Callable] | None = None
     same_init: bool = False
 
@@ -204,11 +206,17 @@ def train(name: str, cfg: Config, data: dict, progress: bool = True) -> dict:
             metrics = {k: float(v) for k, v in evaluate(params).items()}
             curve.append({"step": t + 1, **metrics})
             if bar is not None:
-                bar.set_postfix(avg=f"{metrics['averaged_acc']:.3f}",
-                                ens=f"{metrics['ensemble_acc']:.3f}")
+                bar.set_postfix(
+                    avg=f"{metrics['averaged_acc']:.3f}",
+                    ens=f"{metrics['ensemble_acc']:.3f}",
+                )
     step_time = float(np.median(times[5:] if len(times) > 10 else times))
-    return {**curve[-1], "step_time_ms": 1e3 * step_time, "curve": curve,
-            "description": method.description}
+    return {
+        **curve[-1],
+        "step_time_ms": 1e3 * step_time,
+        "curve": curve,
+        "description": method.description,
+    }
 
 
 def print_table(results: dict) -> None:
@@ -233,10 +241,19 @@ def plot(results: dict, path: str) -> None:
     for i, (name, r) in enumerate(results.items()):
         steps = [c["step"] for c in r["curve"]]
         color = f"C{i}"
-        ax.plot(steps, [c["averaged_acc"] for c in r["curve"]], color=color,
-                label=f"{name}: averaged model")
-        ax.plot(steps, [c["member_acc"] for c in r["curve"]], color=color, ls="--",
-                label=f"{name}: mean member")
+        ax.plot(
+            steps,
+            [c["averaged_acc"] for c in r["curve"]],
+            color=color,
+            label=f"{name}: averaged model",
+        )
+        ax.plot(
+            steps,
+            [c["member_acc"] for c in r["curve"]],
+            color=color,
+            ls="--",
+            label=f"{name}: mean member",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy")
     ax.set_title("MNIST-1D, stacked ensemble")
@@ -249,17 +266,24 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS)
+    )
     parser.add_argument("--out", default="results/compare")
     parser.add_argument("--no-progress", action="store_true")
     for field in dataclasses.fields(Config):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                            default=field.default)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(field.default),
+            default=field.default,
+        )
     args = parser.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     data = setup.load_mnist1d()
-    print(f"MNIST-1D: {len(data['x_train'])} train / {len(data['x_test'])} test; "
-          f"{cfg.members} members, {cfg.steps} steps; devices: {jax.devices()[0].platform}")
+    print(
+        f"MNIST-1D: {len(data['x_train'])} train / {len(data['x_test'])} test; "
+        f"{cfg.members} members, {cfg.steps} steps; devices: {jax.devices()[0].platform}"
+    )
     results = {}
     for name in args.methods:
         results[name] = train(name, cfg, data, progress=not args.no_progress)

@@ -40,8 +40,12 @@ class CNN1D(nnx.Module):
 
     def __init__(self, channels: int = 32, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(1, channels, kernel_size=(5,), rngs=rngs)
-        self.conv2 = nnx.Conv(channels, channels, kernel_size=(5,), strides=(2,), rngs=rngs)
-        self.conv3 = nnx.Conv(channels, channels, kernel_size=(5,), strides=(2,), rngs=rngs)
+        self.conv2 = nnx.Conv(
+            channels, channels, kernel_size=(5,), strides=(2,), rngs=rngs
+        )
+        self.conv3 = nnx.Conv(
+            channels, channels, kernel_size=(5,), strides=(2,), rngs=rngs
+        )
         self.head = nnx.Linear(channels * SIGNAL_LENGTH // 4, NUM_CLASSES, rngs=rngs)
 
     def __call__(self, x):

@@ -54,7 +54,9 @@ def _check_period(name: str, value) -> int:
 
 def _require_params(name, params):
     if params is None:
-        raise ValueError(f"{name} rewrites the parameters and needs `params` in update.")
+        raise ValueError(
+            f"{name} rewrites the parameters and needs `params` in update."
+        )
 
 
 def _is_concrete_number(x) -> bool:
@@ -81,7 +83,9 @@ def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
             inner_state,
         )
     fresh = init_fn(averaged_params)
-    return jax.tree.map(lambda new, old: new if _inexact(old) else old, fresh, inner_state)
+    return jax.tree.map(
+        lambda new, old: new if _inexact(old) else old, fresh, inner_state
+    )
 
 
 def _mean_after_step_when(is_due, params, inner_updates, axis_name, *, always=False):
@@ -97,8 +101,10 @@ def _mean_after_step_when(is_due, params, inner_updates, axis_name, *, always=Fa
 
     def mean_of(u):
         new = jax.tree.map(
-            lambda p, x: p.astype(members._accumulation_dtype(p.dtype))
-            + x.astype(members._accumulation_dtype(p.dtype)),
+            lambda p, x: (
+                p.astype(members._accumulation_dtype(p.dtype))
+                + x.astype(members._accumulation_dtype(p.dtype))
+            ),
             params,
             u,
         )
@@ -192,7 +198,9 @@ def lookaround(
     """
     sync_period = _check_period("sync_period", sync_period)
     if state_policy not in _STATE_POLICIES:
-        raise ValueError(f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}.")
+        raise ValueError(
+            f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}."
+        )
     inner = optax.with_extra_args_support(inner)
     per_member = members.per_member(inner, axis_name)
 
@@ -223,7 +231,9 @@ def lookaround(
         )
         if state_policy != "keep":
             averaged = jax.tree.map(
-                lambda a, p: members.broadcast_to_members(a, p, axis_name).astype(p.dtype),
+                lambda a, p: members.broadcast_to_members(a, p, axis_name).astype(
+                    p.dtype
+                ),
                 mean,
                 params,
             )
@@ -296,7 +306,9 @@ def papa(
     per_member = members.per_member(inner, axis_name)
 
     def init_fn(params):
-        return PapaState(count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params))
+        return PapaState(
+            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params("papa", params)
@@ -315,7 +327,9 @@ def papa(
             new = p.astype(acc) + u.astype(acc)
             al = jnp.asarray(alpha_t, acc)
             pulled = al * new + (1 - al) * members.broadcast_to_members(a, p, axis_name)
-            return jnp.where(is_pull, pulled - p.astype(acc), u.astype(acc)).astype(u.dtype)
+            return jnp.where(is_pull, pulled - p.astype(acc), u.astype(acc)).astype(
+                u.dtype
+            )
 
         new_updates = jax.tree.map(combine, mean, params, inner_updates)
         return new_updates, PapaState(count=count, inner_state=inner_state)

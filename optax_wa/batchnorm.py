@@ -63,7 +63,7 @@ def recalibrate_batch_stats(
     @jax.jit
     def accumulate(avg, stats, fraction):
         return jax.tree.map(
-            lambda a, x: (a + fraction * (x.astype(a.dtype) - a)), avg, stats
+            lambda a, x: a + fraction * (x.astype(a.dtype) - a), avg, stats
         )
 
     avg = None
@@ -76,7 +76,9 @@ def recalibrate_batch_stats(
         total += weight
         if avg is None:
             avg = jax.tree.map(
-                lambda x: jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)),
+                lambda x: jnp.asarray(
+                    x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+                ),
                 stats,
             )
         else:
@@ -128,7 +130,9 @@ def recalibrate_nnx_batch_stats(
         forward(m, batch)
         return nnx.state(m, nnx.BatchStat)
 
-    averaged = recalibrate_batch_stats(batch_stats_fn, state, batches, weight_fn=weight_fn)
+    averaged = recalibrate_batch_stats(
+        batch_stats_fn, state, batches, weight_fn=weight_fn
+    )
     current = nnx.state(model, nnx.BatchStat)
     averaged = jax.tree.map(lambda a, c: a.astype(c.dtype), averaged, current)
     nnx.update(model, averaged)

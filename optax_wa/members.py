@@ -146,7 +146,9 @@ def init_members(
       (3, 4)
     """
     if not isinstance(num_members, int) or num_members < 1:
-        raise ValueError(f"init_members: num_members must be an int >= 1, got {num_members!r}.")
+        raise ValueError(
+            f"init_members: num_members must be an int >= 1, got {num_members!r}."
+        )
     if same_init:
         keys = jnp.stack([key] * num_members)
     else:
@@ -233,7 +235,9 @@ def _reduced_mean_leaf(x: jax.Array, axis_name: str | None) -> jax.Array:
     return _sum_over_members(acc) / x.shape[0]
 
 
-def broadcast_to_members(mean: jax.Array, like: jax.Array, axis_name: str | None = None):
+def broadcast_to_members(
+    mean: jax.Array, like: jax.Array, axis_name: str | None = None
+):
     """Broadcasts a reduced member mean back over ``like``'s member axis.
 
     Identity in named mode. Keeps ``like``'s split of the member axis under an
@@ -309,12 +313,12 @@ def pull_to_mean(tree: PyTree, alpha, axis_name: str | None = None) -> PyTree:
       alpha: a scalar in ``[0, 1]`` (may be a traced array).
       axis_name: ``None`` for stacked mode, else the mapped axis name.
     """
-    return jax.tree.map(
-        lambda x: interpolate(x, _mean_leaf(x, axis_name), alpha), tree
-    )
+    return jax.tree.map(lambda x: interpolate(x, _mean_leaf(x, axis_name), alpha), tree)
 
 
-def apply_and_mean(params: PyTree, updates: PyTree, axis_name: str | None = None) -> PyTree:
+def apply_and_mean(
+    params: PyTree, updates: PyTree, axis_name: str | None = None
+) -> PyTree:
     """Member mean of ``params + updates`` in one fused pass, shaped like ``params``."""
 
     def one(p, u):

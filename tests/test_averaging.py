@@ -1,6 +1,5 @@
 """Analytic and equivalence tests of lookaround and papa."""
 
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,9 @@ def test_lookaround_one_member_equals_inner():
     single = jax.tree.map(lambda x: x[0], params)
     want, _ = _run(inner, single, [jax.tree.map(lambda x: x[0], g) for g in grads])
     for g, w in zip(got, want):
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], g), w, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x: x[0], g), w, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_lookaround_hand_traced_two_syncs():
@@ -91,9 +92,13 @@ def test_lookaround_state_policies_match_reference(policy):
     m, k, lr, beta = 3, 3, 0.1, 0.9
     params = {"w": jax.random.normal(jax.random.key(0), (m, 4))}
     grads = [{"w": g["b"][:, :2].repeat(2, axis=1)} for g in _random_grads(7, m)]
-    opt = optax_wa.lookaround(optax.sgd(lr, momentum=beta), sync_period=k, state_policy=policy)
+    opt = optax_wa.lookaround(
+        optax.sgd(lr, momentum=beta), sync_period=k, state_policy=policy
+    )
     trajectory, state = _run(opt, params, grads, update=jax.jit(opt.update))
-    reference = _numpy_lookaround(params["w"], [g["w"] for g in grads], lr, beta, k, policy)
+    reference = _numpy_lookaround(
+        params["w"], [g["w"] for g in grads], lr, beta, k, policy
+    )
     for got, (w_ref, _) in zip(trajectory, reference):
         np.testing.assert_allclose(got["w"], w_ref, rtol=1e-5, atol=1e-6)
     momentum = state.inner_state[0].trace["w"]
@@ -150,7 +155,9 @@ def test_papa_pull_is_exact():
 
 def test_papa_alpha_schedule_is_evaluated_at_the_pull_step():
     params = {"w": jnp.array([[0.0], [4.0]])}
-    opt = optax_wa.papa(optax.sgd(0.0), alpha=lambda count: 1.0 - 0.25 * count, period=2)
+    opt = optax_wa.papa(
+        optax.sgd(0.0), alpha=lambda count: 1.0 - 0.25 * count, period=2
+    )
     trajectory, _ = _run(opt, params, [{"w": jnp.zeros((2, 1))}] * 4)
     # Pull at update index 1 (alpha 0.75) then at index 3 (alpha 0.25).
     np.testing.assert_allclose(trajectory[1]["w"], [[0.5], [3.5]])
@@ -182,7 +189,10 @@ def test_papa_lr_scaled_alpha():
 
 _FACTORIES = {
     "lookaround": lambda axis_name: optax_wa.lookaround(
-        optax.sgd(0.1, momentum=0.9), sync_period=2, axis_name=axis_name, state_policy="average"
+        optax.sgd(0.1, momentum=0.9),
+        sync_period=2,
+        axis_name=axis_name,
+        state_policy="average",
     ),
     "papa": lambda axis_name: optax_wa.papa(
         optax.adam(0.1), alpha=0.8, period=2, axis_name=axis_name
@@ -312,9 +322,9 @@ def test_update_without_params_is_rejected(factory):
 
 def test_lookaround_inside_chain_as_last_element():
     # Clipping before the per-member optimizer: lookaround last in the chain.
-    opt = optax.chain(optax.clip(1.0), optax_wa.lookaround(optax.sgd(1.0), sync_period=1))
+    opt = optax.chain(
+        optax.clip(1.0), optax_wa.lookaround(optax.sgd(1.0), sync_period=1)
+    )
     params = {"w": jnp.array([0.0, 0.0])}
     trajectory, _ = _run(opt, params, [{"w": jnp.array([5.0, -0.5])}])
     np.testing.assert_allclose(trajectory[0]["w"], [-0.25, -0.25])
-
-

@@ -11,7 +11,10 @@ import optax_wa
 
 def _batches(num=3, size=8, dim=4, seed=0):
     rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.normal(i, 1.0 + i, (size, dim)), jnp.float32) for i in range(num)]
+    return [
+        jnp.asarray(rng.normal(i, 1.0 + i, (size, dim)), jnp.float32)
+        for i in range(num)
+    ]
 
 
 def _stats_fn(params, x):
@@ -41,7 +44,9 @@ def test_empty_batches_and_bad_weights_raise():
     with pytest.raises(ValueError, match="no batch"):
         optax_wa.recalibrate_batch_stats(_stats_fn, None, [])
     with pytest.raises(ValueError, match="positive"):
-        optax_wa.recalibrate_batch_stats(_stats_fn, None, _batches(1), weight_fn=lambda b: 0)
+        optax_wa.recalibrate_batch_stats(
+            _stats_fn, None, _batches(1), weight_fn=lambda b: 0
+        )
 
 
 class _Net(nnx.Module):
@@ -63,16 +68,23 @@ def test_nnx_recalibration_matches_manual_statistics():
     optax_wa.recalibrate_nnx_batch_stats(model, batches)
     hidden = [np.asarray(model.lin(b)) for b in batches]
     np.testing.assert_allclose(
-        model.bn.mean.value, np.mean([h.mean(0) for h in hidden], 0), rtol=1e-5, atol=1e-5
+        model.bn.mean.value,
+        np.mean([h.mean(0) for h in hidden], 0),
+        rtol=1e-5,
+        atol=1e-5,
     )
     np.testing.assert_allclose(
         model.bn.var.value, np.mean([h.var(0) for h in hidden], 0), rtol=1e-4, atol=1e-5
     )
     # Parameters and the module's settings are untouched.
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), params_before)
+    jax.tree.map(
+        np.testing.assert_array_equal, nnx.state(model, nnx.Param), params_before
+    )
     assert model.bn.momentum == 0.99
 
 
 def test_nnx_without_batchnorm_raises():
     with pytest.raises(ValueError, match="BatchNorm"):
-        optax_wa.recalibrate_nnx_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1))
+        optax_wa.recalibrate_nnx_batch_stats(
+            nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1)
+        )

@@ -9,8 +9,7 @@ import pytest
 import optax_wa
 
 MODULES = sorted(
-    name
-    for _, name, _ in pkgutil.walk_packages(optax_wa.__path__, prefix="optax_wa.")
+    name for _, name, _ in pkgutil.walk_packages(optax_wa.__path__, prefix="optax_wa.")
 )
 
 
@@ -18,6 +17,8 @@ MODULES = sorted(
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+        module,
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
     )
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

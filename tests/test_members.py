@@ -21,7 +21,9 @@ def test_num_members():
 
 def test_num_members_names_disagreeing_leaves():
     tree = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((4,))}
-    with pytest.raises(ValueError, match=r"disagree.*\['b'\] has 4|disagree.*\['w'\] has 3"):
+    with pytest.raises(
+        ValueError, match=r"disagree.*\['b'\] has 4|disagree.*\['w'\] has 3"
+    ):
         members.num_members(tree)
 
 
@@ -70,7 +72,9 @@ def test_average_members_equals_numpy_mean(m):
     tree = _tree(m)
     avg = members.average_members(tree)
     for k in tree:
-        np.testing.assert_allclose(avg[k], np.asarray(tree[k]).mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            avg[k], np.asarray(tree[k]).mean(0), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_average_members_bf16_accumulates_in_float32():
@@ -88,7 +92,9 @@ def test_member_mean_named_equals_stacked_and_pull_keeps_mean():
     named = jax.vmap(lambda t: members.member_mean(t, "m"), axis_name="m")(tree)
     chex.assert_trees_all_close(stacked, named, rtol=1e-6)
     pulled = members.pull_to_mean(tree, 0.3)
-    pulled_named = jax.vmap(lambda t: members.pull_to_mean(t, 0.3, "m"), axis_name="m")(tree)
+    pulled_named = jax.vmap(lambda t: members.pull_to_mean(t, 0.3, "m"), axis_name="m")(
+        tree
+    )
     chex.assert_trees_all_close(pulled, pulled_named, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(
         members.average_members(pulled), members.average_members(tree), atol=1e-6
