@@ -109,7 +109,23 @@ def _promote(dtype, *arrays):
     return [None if a is None else jnp.asarray(a, dtype) for a in arrays]
 
 
-class SlimmableLinear(nnx.Module):
+class _PrefixSliced(nnx.Module):
+    """Shared by the slimmable layers: the prefix sizes used at a width."""
+
+    def sizes(self, width: float) -> tuple[int, int]:
+        """``(input, output)`` features (or channels) used at ``width``."""
+        n_in = (
+            slim_size(self.in_features, width) if self.slice_input else self.in_features
+        )
+        n_out = (
+            slim_size(self.out_features, width)
+            if self.slice_output
+            else self.out_features
+        )
+        return n_in, n_out
+
+
+class SlimmableLinear(_PrefixSliced):
     r"""A dense layer whose width-``w`` call uses the prefix block of its kernel.
 
     .. math::
@@ -173,18 +189,6 @@ class SlimmableLinear(nnx.Module):
         else:
             self.bias = nnx.data(None)
 
-    def sizes(self, width: float) -> tuple[int, int]:
-        """``(input, output)`` sizes used at ``width``."""
-        n_in = (
-            slim_size(self.in_features, width) if self.slice_input else self.in_features
-        )
-        n_out = (
-            slim_size(self.out_features, width)
-            if self.slice_output
-            else self.out_features
-        )
-        return n_in, n_out
-
     def __call__(self, x: Array, width: float = 1.0) -> Array:
         n_in, n_out = self.sizes(width)
         if x.shape[-1] != n_in:
@@ -210,7 +214,7 @@ def _conv_dimension_numbers(num_spatial: int):
     return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
 
 
-class SlimmableConv(nnx.Module):
+class SlimmableConv(_PrefixSliced):
     """A convolution whose width-``w`` call uses the prefix channels of its kernel.
 
     Channels-last inputs ``(batch, *spatial, channels)`` with 1 to 3 spatial
@@ -296,18 +300,6 @@ class SlimmableConv(nnx.Module):
             )
         else:
             self.bias = nnx.data(None)
-
-    def sizes(self, width: float) -> tuple[int, int]:
-        """``(input, output)`` channels used at ``width``."""
-        n_in = (
-            slim_size(self.in_features, width) if self.slice_input else self.in_features
-        )
-        n_out = (
-            slim_size(self.out_features, width)
-            if self.slice_output
-            else self.out_features
-        )
-        return n_in, n_out
 
     def __call__(self, x: Array, width: float = 1.0) -> Array:
         n_in, n_out = self.sizes(width)
