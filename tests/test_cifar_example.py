@@ -22,7 +22,6 @@ if str(ROOT) not in sys.path:  # the examples are not part of the installed pack
     sys.path.insert(0, str(ROOT))
 
 import tensorflow_datasets as tfds  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 from examples.cifar import input_pipeline, train  # noqa: E402
 from examples.cifar.configs import tiny  # noqa: E402
@@ -43,22 +42,8 @@ METHODS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Methods share their init and evaluation programs: compile those once."""
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # earlier compiles may have initialized it
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+# Methods share their init and evaluation programs: compile those once.
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 def _run(config, workdir):

@@ -21,7 +21,6 @@ if str(ROOT) not in sys.path:  # the examples are not part of the installed pack
     sys.path.insert(0, str(ROOT))
 
 import tensorflow_datasets as tfds  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 from examples.slimclr import input_pipeline, train  # noqa: E402
 from examples.slimclr.configs import default  # noqa: E402
@@ -48,23 +47,12 @@ def _tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def mock_cifar(tmp_path_factory):
-    """Mock CIFAR-10, and a compilation cache so repeated programs compile once."""
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
+def mock_cifar(persistent_compilation_cache):
+    """Mock CIFAR-10, with a compilation cache so repeated programs compile once."""
     with tfds.testing.mock_data(
         num_examples=NUM_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE
     ):
         yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 SIMCLR = dict(framework="simclr", slow_start_fraction=0.5)
