@@ -61,12 +61,12 @@ class SharpnessAwareState(NamedTuple):
         ``rho`` schedule is evaluated.
       inner_state: the inner optimizer's state.
       info: :class:`SamInfo` of the last update (zeros before the first one;
-        ``adv_loss`` is ``None``).
+        ``adv_loss`` is ``None``); ``None`` with ``record_info=False``.
     """
 
     count: jax.Array
     inner_state: optax.OptState
-    info: SamInfo
+    info: SamInfo | None
 
 
 # ----------------------------------------------------------------------------
@@ -442,6 +442,7 @@ def sharpness_aware(
     has_aux: bool = False,
     axis_name: str | None = None,
     sync_ascent: bool = False,
+    record_info: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps an optimizer so that it descends along the sharpness-aware gradient.
 
@@ -488,6 +489,10 @@ def sharpness_aware(
       has_aux: whether ``grad_fn`` returns ``(grads, aux)``.
       axis_name: data-parallel axis name, or ``None``.
       sync_ascent: with ``axis_name``, perturb with the all-device gradient.
+      record_info: keep the step's :class:`SamInfo` in the state (default).
+        ``False`` stores ``info=None``, so that XLA drops the diagnostics the
+        update does not need (for plain SAM, the norm of :math:`g_{adv}`: one
+        pass over the gradients per step).
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state
@@ -534,7 +539,11 @@ def sharpness_aware(
         return SharpnessAwareState(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
-            info=SamInfo(gamma=zero, grad_norm=zero, adv_grad_norm=zero, adv_loss=None),
+            info=(
+                SamInfo(gamma=zero, grad_norm=zero, adv_grad_norm=zero, adv_loss=None)
+                if record_info
+                else None
+            ),
         )
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
@@ -557,7 +566,9 @@ def sharpness_aware(
             descent, state.inner_state, params, **extra_args
         )
         return new_updates, SharpnessAwareState(
-            count=optax.safe_increment(state.count), inner_state=inner_state, info=info
+            count=optax.safe_increment(state.count),
+            inner_state=inner_state,
+            info=info if record_info else None,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

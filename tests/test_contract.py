@@ -88,6 +88,14 @@ CASES: dict[str, Case] = {
         ensemble=False,
         extra_args=lambda params: {"grad_fn": contract_grad_fn},
     ),
+    "sharpness_aware_no_info": Case(
+        make=lambda learning_rate: optax_wa.sharpness_aware(
+            optax.sgd(learning_rate, momentum=0.9), rho=0.05, record_info=False
+        ),
+        hyperparams={"learning_rate": 0.1},
+        ensemble=False,
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
     "ssam": Case(
         make=lambda learning_rate: optax_wa.ssam(optax.sgd(learning_rate), rho=0.05),
         hyperparams={"learning_rate": 0.1},

@@ -314,6 +314,29 @@ def test_wrapper_equals_oracle_then_inner():
     assert int(state.count) == 3
 
 
+@pytest.mark.parametrize("stable", [False, True])
+def test_record_info_false_gives_same_updates_and_no_info(stable):
+    grad = _nonlinear_grad
+    kw = dict(rho=0.2, stable=stable)
+    full = optax_wa.sharpness_aware(optax.sgd(0.1, momentum=0.9), **kw)
+    lean = optax_wa.sharpness_aware(
+        optax.sgd(0.1, momentum=0.9), record_info=False, **kw
+    )
+    params = lean_params = _random_tree(4)
+    state, lean_state = full.init(params), lean.init(lean_params)
+    assert lean_state.info is None
+    for _ in range(3):
+        updates, state = full.update(grad(params), state, params, grad_fn=grad)
+        lean_updates, lean_state = jax.jit(
+            lambda g, s, p: lean.update(g, s, p, grad_fn=grad)
+        )(grad(lean_params), lean_state, lean_params)
+        chex.assert_trees_all_close(updates, lean_updates, rtol=1e-6, atol=1e-7)
+        assert lean_state.info is None
+        params = optax.apply_updates(params, updates)
+        lean_params = optax.apply_updates(lean_params, lean_updates)
+    assert int(lean_state.count) == 3 and float(state.info.gamma) > 0
+
+
 def test_wrapper_has_aux_discards_perturbed_aux():
     grad = _nonlinear_grad
     params = _random_tree(2)
