@@ -4,14 +4,16 @@ Prints, side by side in one process:
 
 * update ratio: the wrapper's update (plus ``apply_updates``, jitted with
   donation) over windows of 10 updates, which hold whole sync periods
-  (lookaround: 5, papa: 10), divided by the vmapped inner optimizer's, on a stacked tree with ResNet-20's parameter shapes
-  (0.27M values per member, 4 members);
+  (lookaround: 5, papa: 10), divided by the vmapped inner optimizer's, on a
+  stacked tree with ResNet-20's parameter shapes (0.27M values per member,
+  4 members); both ways of feeding the averaging branch (``recompute``);
 * full train-step ratio: the same with a ResNet-20-shaped forward and
   backward pass (CIFAR input, 32x32x3) in the step.
 
-Runs interleave the methods and report the median of repeated timings::
+Rounds interleave the methods (same machine conditions); each ratio is the
+median over rounds of the per-round ratio, with its quartiles::
 
-    python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 15]
+    python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 40]
 """
 
 from __future__ import annotations
@@ -147,15 +149,15 @@ def compare(opts, inputs, make_step, params0, period, repeats):
                 run[0], run[1], run[2], inputs, period
             )
             run[3].append(seconds / period)
-    return {name: float(np.median(run[3])) for name, run in runs.items()}
+    return {name: np.asarray(run[3]) for name, run in runs.items()}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="images per member")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--train-repeats", type=int, default=5)
     args = parser.parse_args()
     # Default periods: lookaround syncs every 5 updates, papa pulls every 10;
     # timing windows of 10 updates hold whole periods of both.
@@ -171,6 +173,12 @@ def main():
         "inner (vmapped sgd+momentum)": members.per_member(inner),
         "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
         "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
+        "lookaround, recompute=False": optax_wa.lookaround(
+            inner, sync_period=5, recompute=False
+        ),
+        "papa, recompute=False": optax_wa.papa(
+            inner, alpha=0.99, period=10, recompute=False
+        ),
     }
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
@@ -187,14 +195,24 @@ def main():
     train = compare(opts, batch, make_train_step, params, k, args.train_repeats)
 
     base = "inner (vmapped sgd+momentum)"
+
+    def ratio(times, name):
+        """Median over rounds of the per-round ratio, with its quartiles."""
+        paired = times[name] / times[base]
+        return np.percentile(paired, [50, 25, 75])
+
     print(
-        "\n| method | update ms/step | update ratio | train step ms | train-step ratio |"
+        "\nratio = median over interleaved rounds of the per-round ratio "
+        "[25th, 75th percentile]"
     )
+    print("| method | update ms/step | update ratio | train step ms | train-step ratio |")
     print("|---|---|---|---|---|")
     for name in opts:
+        u, t = ratio(update, name), ratio(train, name)
         print(
-            f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[base]:.3f} | "
-            f"{1e3 * train[name]:.1f} | {train[name] / train[base]:.3f} |"
+            f"| {name} | {1e3 * np.median(update[name]):.3f} | "
+            f"{u[0]:.3f} [{u[1]:.3f}, {u[2]:.3f}] | "
+            f"{1e3 * np.median(train[name]):.1f} | {t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}] |"
         )
 
 

@@ -88,51 +88,113 @@ def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
     )
 
 
-def _mean_after_step_when(is_due, params, inner_updates, axis_name, *, always=False):
-    """Member mean of ``params + inner_updates`` (reduced), computed only when due.
+def _after(tree, token):
+    """``tree`` with a data dependency on ``token`` (a scalar zero), values unchanged.
 
-    Under ``lax.cond`` the mean (``1/M`` of the ensemble's values in stacked
-    mode) is the only output, returned as one flat buffer so that the
-    skipped branch is a single fill; the caller selects with ``jnp.where``,
-    which fuses into its ``apply_updates``. The branch reads the inner
-    updates (an intermediate), never the donated inner state, which would
-    make XLA copy the state on every step.
+    ``x - 0`` keeps every value bit for bit (signed zeros and NaNs included);
+    non-numeric leaves (PRNG keys, bools) pass through. The dependency makes
+    XLA schedule the readers of ``tree`` after the producer of ``token``.
     """
 
-    def mean_of(u):
-        new = jax.tree.map(
-            lambda p, x: (
-                p.astype(members._accumulation_dtype(p.dtype))
-                + x.astype(members._accumulation_dtype(p.dtype))
+    def one(x):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.number):
+            return x
+        return x - token.astype(dtype)
+
+    return jax.tree.map(one, tree)
+
+
+def _wants_recompute(recompute, extra_args) -> bool:
+    if recompute is not None:
+        return bool(recompute)
+    return not any(callable(v) for v in jax.tree.leaves(extra_args))
+
+
+def _check_recompute(recompute):
+    if recompute is not None and not isinstance(recompute, bool):
+        raise ValueError(f"recompute must be None, True or False, got {recompute!r}.")
+    return recompute
+
+
+def _step_and_mean(
+    per_member, updates, inner_state, params, extra_args, is_due, axis_name, *,
+    always, recompute,
+):
+    """The inner step and, when ``is_due``, the member mean of ``params + inner_updates``.
+
+    Returns ``(inner_updates, inner_state, mean)``; ``mean`` is reduced
+    (:func:`optax_wa.members.reduced_member_mean`, accumulation precision) and
+    holds zeros when the mean was not due. The mean sits under ``lax.cond`` so
+    that off-sync steps do not pay for it; the skipped branch only fills
+    ``1/M`` of the ensemble's values with zeros. Two ways to feed the branch:
+
+    * ``recompute``: the branch runs the inner update itself from the
+      (unchanged) gradients, inner state and params, so nothing extra is
+      materialized on off-sync steps and the inner update outside the branch
+      fuses with the caller's ``apply_updates``; the inner optimizer runs twice
+      on due steps. The inner update outside is ordered after the branch
+      (:func:`_after`), so XLA updates a donated inner state in place.
+    * otherwise the inner updates are computed once and handed to the branch,
+      which materializes them on every step.
+    """
+
+    def mean_of(p, u):
+        return members.reduced_member_mean(
+            jax.tree.map(
+                lambda a, b: (
+                    a.astype(members._accumulation_dtype(a.dtype))
+                    + b.astype(members._accumulation_dtype(a.dtype))
+                ),
+                p,
+                u,
             ),
-            params,
-            u,
+            axis_name,
         )
-        return members.reduced_member_mean(new, axis_name)
+
+    # Shapes of the reduced mean, read off the params (no extra trace).
+    shapes = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(
+            p.shape if axis_name is not None else p.shape[1:],
+            members._accumulation_dtype(p.dtype),
+        ),
+        params,
+    )
+
+    def zeros(_):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
     if always:
-        return mean_of(inner_updates)
-    shapes = jax.eval_shape(mean_of, inner_updates)
-    leaves, treedef = jax.tree.flatten(shapes)
-    dtype = jnp.result_type(*[x.dtype for x in leaves])
-    sizes = [int(np.prod(x.shape)) for x in leaves]
-    offsets = np.cumsum([0] + sizes)
-
-    def branch(u):
-        return jnp.concatenate(
-            [x.astype(dtype).reshape(-1) for x in jax.tree.leaves(mean_of(u))]
+        inner_updates, inner_state = per_member.update(
+            updates, inner_state, params, **extra_args
         )
+        return inner_updates, inner_state, mean_of(params, inner_updates)
 
-    def skip(u):
-        return jnp.zeros((int(offsets[-1]),), dtype)
+    if recompute:
+        # The token is made inside each branch: a value closed over from
+        # outside would be hoisted out of the cond, losing the ordering.
 
-    flat = jax.lax.cond(is_due, branch, skip, inner_updates)
-    return treedef.unflatten(
-        [
-            flat[offsets[i] : offsets[i + 1]].reshape(x.shape).astype(x.dtype)
-            for i, x in enumerate(leaves)
-        ]
+        def due(ops):
+            g, s, p = ops
+            u, _ = per_member.update(g, s, p, **extra_args)
+            return mean_of(p, u), jnp.zeros([], jnp.float32)
+
+        def skip(ops):
+            return zeros(ops), jnp.zeros([], jnp.float32)
+
+        mean, token = jax.lax.cond(is_due, due, skip, (updates, inner_state, params))
+        inner_updates, inner_state = per_member.update(
+            updates, _after(inner_state, token), params, **extra_args
+        )
+        return inner_updates, inner_state, mean
+
+    inner_updates, inner_state = per_member.update(
+        updates, inner_state, params, **extra_args
     )
+    mean = jax.lax.cond(
+        is_due, lambda ops: mean_of(*ops), zeros, (params, inner_updates)
+    )
+    return inner_updates, inner_state, mean
 
 
 def lookaround(
@@ -141,6 +203,7 @@ def lookaround(
     sync_period: int = 5,
     axis_name: str | None = None,
     state_policy: str = "keep",
+    recompute: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookaround: members step independently, then are replaced by their average.
 
@@ -157,8 +220,7 @@ def lookaround(
 
     where :math:`u_i^t` is the inner update of member :math:`i` and :math:`k`
     is ``sync_period``. Off-sync steps do not compute the average (the sync is
-    a ``lax.cond``); the sync step applies the inner update and averages in
-    one fused pass.
+    a ``lax.cond``; see ``recompute``).
 
     The returned update is ``new_params - params``, so ``lookaround`` must be
     the last element of an ``optax.chain``. Extra keyword arguments of
@@ -175,6 +237,16 @@ def lookaround(
         their member mean), ``"reset"`` (floating-point leaves are re-initialized
         with ``inner.init`` at the averaged params; integer leaves such as step
         counters are kept, so schedules continue).
+      recompute: how the sync step gets the inner updates it averages.
+        ``True``: the averaging branch runs the inner update itself, so
+        off-sync steps materialize nothing extra (their inner update fuses
+        with ``apply_updates``) and the inner optimizer runs twice on sync
+        steps. ``False``: the inner update runs once and is handed to the
+        branch, which materializes it on every step. ``None`` (default):
+        ``True`` unless an extra argument of ``update`` is callable (such as
+        the ``grad_fn`` of :func:`optax_wa.sharpness_aware`, whose update
+        evaluates gradients and is too costly to run twice). Both give the
+        same result up to float rounding.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`LookaroundState`.
@@ -197,6 +269,7 @@ def lookaround(
       <https://arxiv.org/abs/2306.07684>`_, NeurIPS 2023.
     """
     sync_period = _check_period("sync_period", sync_period)
+    recompute = _check_recompute(recompute)
     if state_policy not in _STATE_POLICIES:
         raise ValueError(
             f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}."
@@ -211,13 +284,18 @@ def lookaround(
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params("lookaround", params)
-        inner_updates, inner_state = per_member.update(
-            updates, state.inner_state, params, **extra_args
-        )
         count = optax.safe_increment(state.count)
         is_sync = count % sync_period == 0
-        mean = _mean_after_step_when(
-            is_sync, params, inner_updates, axis_name, always=sync_period == 1
+        inner_updates, inner_state, mean = _step_and_mean(
+            per_member,
+            updates,
+            state.inner_state,
+            params,
+            extra_args,
+            is_sync,
+            axis_name,
+            always=sync_period == 1,
+            recompute=_wants_recompute(recompute, extra_args),
         )
         new_updates = jax.tree.map(
             lambda a, p, u: jnp.where(
@@ -255,6 +333,7 @@ def papa(
     alpha: optax.ScalarOrSchedule = 0.99,
     period: int = 10,
     axis_name: str | None = None,
+    recompute: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""PAPA: every ``period`` steps, pull each member toward the population mean.
 
@@ -280,6 +359,16 @@ def papa(
         float or a schedule evaluated at the step index of the pull.
       period: number of updates between pulls, ``>= 1``.
       axis_name: ``None`` (stacked mode) or the mapped member axis name.
+      recompute: how the pull step gets the inner updates it averages.
+        ``True``: the averaging branch runs the inner update itself, so
+        off-sync steps materialize nothing extra (their inner update fuses
+        with ``apply_updates``) and the inner optimizer runs twice on pull
+        steps. ``False``: the inner update runs once and is handed to the
+        branch, which materializes it on every step. ``None`` (default):
+        ``True`` unless an extra argument of ``update`` is callable (such as
+        the ``grad_fn`` of :func:`optax_wa.sharpness_aware`, whose update
+        evaluates gradients and is too costly to run twice). Both give the
+        same result up to float rounding.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`PapaState`.
@@ -298,6 +387,7 @@ def papa(
       <https://arxiv.org/abs/2304.03094>`_, TMLR 2024.
     """
     period = _check_period("period", period)
+    recompute = _check_recompute(recompute)
     if not callable(alpha) and _is_concrete_number(alpha):
         value = np.asarray(alpha)
         if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
@@ -312,14 +402,19 @@ def papa(
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params("papa", params)
-        inner_updates, inner_state = per_member.update(
-            updates, state.inner_state, params, **extra_args
-        )
         alpha_t = alpha(state.count) if callable(alpha) else alpha
         count = optax.safe_increment(state.count)
         is_pull = count % period == 0
-        mean = _mean_after_step_when(
-            is_pull, params, inner_updates, axis_name, always=period == 1
+        inner_updates, inner_state, mean = _step_and_mean(
+            per_member,
+            updates,
+            state.inner_state,
+            params,
+            extra_args,
+            is_pull,
+            axis_name,
+            always=period == 1,
+            recompute=_wants_recompute(recompute, extra_args),
         )
 
         def combine(a, p, u):

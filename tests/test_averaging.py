@@ -1,5 +1,7 @@
 """Analytic and equivalence tests of lookaround and papa."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -328,3 +330,97 @@ def test_lookaround_inside_chain_as_last_element():
     params = {"w": jnp.array([0.0, 0.0])}
     trajectory, _ = _run(opt, params, [{"w": jnp.array([5.0, -0.5])}])
     np.testing.assert_allclose(trajectory[0]["w"], [-0.25, -0.25])
+
+
+# --- recompute: two ways to feed the averaging branch ------------------------
+
+_RECOMPUTE_FACTORIES = {
+    "lookaround_keep": lambda **kw: optax_wa.lookaround(
+        optax.adam(0.1), sync_period=3, **kw
+    ),
+    "lookaround_average": lambda **kw: optax_wa.lookaround(
+        optax.sgd(0.1, momentum=0.9), sync_period=2, state_policy="average", **kw
+    ),
+    "lookaround_reset": lambda **kw: optax_wa.lookaround(
+        optax.adam(0.1), sync_period=2, state_policy="reset", **kw
+    ),
+    "papa": lambda **kw: optax_wa.papa(optax.adam(0.1), alpha=0.7, period=3, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RECOMPUTE_FACTORIES))
+def test_recompute_true_equals_false(name):
+    params, grads = _random_params(3), _random_grads(7, 3)
+    runs = {}
+    for recompute in (True, False):
+        opt = _RECOMPUTE_FACTORIES[name](recompute=recompute)
+        runs[recompute] = _run(opt, params, grads, update=jax.jit(opt.update))
+    for a, b in zip(runs[True][0], runs[False][0]):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_named_vmap_equals_stacked(recompute):
+    params, grads = _random_params(4), _random_grads(5, 4)
+
+    def make(axis_name):
+        return optax_wa.lookaround(
+            optax.adam(0.1), sync_period=2, axis_name=axis_name, recompute=recompute
+        )
+
+    stacked_opt = make(None)
+    stacked, _ = _run(stacked_opt, params, grads, update=jax.jit(stacked_opt.update))
+    named_opt = make("members")
+    step = jax.jit(jax.vmap(named_opt.update, axis_name="members"))
+    state, named = jax.vmap(named_opt.init)(params), params
+    for g in grads:
+        updates, state = step(g, state, named)
+        named = optax.apply_updates(named, updates)
+    chex.assert_trees_all_close(stacked[-1], named, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+@pytest.mark.parametrize("recompute", [None, True, False])
+def test_recompute_decides_how_often_a_costly_inner_update_runs(factory, recompute):
+    """The default runs an inner update that takes a callable (grad_fn) once."""
+    calls = []
+
+    def grad_fn(p):
+        calls.append(1)
+        return jax.grad(lambda q: jnp.sum(q["w"] ** 2) + jnp.sum(q["b"] ** 2))(p)
+
+    opt = factory(optax_wa.ssam(optax.sgd(0.1), rho=0.05), recompute=recompute)
+    params = _random_params(2)
+    jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, grad_fn=grad_fn))(
+        _random_grads(1, 2)[0], opt.init(params), params
+    )
+    assert len(calls) == (2 if recompute else 1)
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_donated_inner_state_is_updated_in_place(factory, recompute):
+    """No copy of a parameter-sized buffer in the compiled, donated step."""
+    opt = factory(optax.sgd(0.1, momentum=0.9), recompute=recompute)
+    params = {"w": jnp.ones((4, 64, 10)), "b": jnp.ones((4, 96))}
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    hlo = (
+        jax.jit(step, donate_argnums=(0, 1))
+        .lower(params, opt.init(params), params)
+        .compile()
+        .as_text()
+    )
+    copied_shapes = re.findall(r"= (\S+) copy\(", hlo)
+    assert not [s for s in copied_shapes if s.startswith("f32[4,")], copied_shapes
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+@pytest.mark.parametrize("value", [1, "yes", 0.0])
+def test_bad_recompute_is_rejected(factory, value):
+    with pytest.raises(ValueError, match="recompute"):
+        factory(optax.sgd(0.1), recompute=value)
