@@ -205,7 +205,9 @@ def main():
         "\nratio = median over interleaved rounds of the per-round ratio "
         "[25th, 75th percentile]"
     )
-    print("| method | update ms/step | update ratio | train step ms | train-step ratio |")
+    print(
+        "| method | update ms/step | update ratio | train step ms | train-step ratio |"
+    )
     print("|---|---|---|---|---|")
     for name in opts:
         u, t = ratio(update, name), ratio(train, name)

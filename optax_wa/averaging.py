@@ -118,8 +118,16 @@ def _check_recompute(recompute):
 
 
 def _step_and_mean(
-    per_member, updates, inner_state, params, extra_args, is_due, axis_name, *,
-    always, recompute,
+    per_member,
+    updates,
+    inner_state,
+    params,
+    extra_args,
+    is_due,
+    axis_name,
+    *,
+    always,
+    recompute,
 ):
     """The inner step and, when ``is_due``, the member mean of ``params + inner_updates``.
 
