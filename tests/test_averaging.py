@@ -424,3 +424,26 @@ def test_donated_inner_state_is_updated_in_place(factory, recompute):
 def test_bad_recompute_is_rejected(factory, value):
     with pytest.raises(ValueError, match="recompute"):
         factory(optax.sgd(0.1), recompute=value)
+
+
+_PERIOD_TWO = {
+    optax_wa.lookaround: {"sync_period": 2},
+    optax_wa.papa: {"period": 2, "alpha": 0.5},
+}
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+def test_recompute_with_a_random_inner_optimizer_draws_the_same_noise(factory):
+    """The branch's rerun of a noisy inner update uses the same key as the step."""
+    inner = optax.chain(optax.add_noise(0.1, 0.0, seed=3), optax.sgd(0.1))
+    params, grads = _random_params(3), _random_grads(6, 3)
+    runs = {}
+    for recompute in (True, False):
+        opt = factory(inner, recompute=recompute, **_PERIOD_TWO[factory])
+        runs[recompute] = _run(opt, params, grads, update=jax.jit(opt.update))[0]
+    for a, b in zip(runs[True], runs[False]):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+    # The noise is really there: a noise-free run differs.
+    quiet = factory(optax.sgd(0.1), recompute=True, **_PERIOD_TWO[factory])
+    plain = _run(quiet, params, grads)[0]
+    assert float(jnp.abs(plain[-1]["w"] - runs[True][-1]["w"]).max()) > 1e-3
