@@ -367,16 +367,10 @@ def papa(
         float or a schedule evaluated at the step index of the pull.
       period: number of updates between pulls, ``>= 1``.
       axis_name: ``None`` (stacked mode) or the mapped member axis name.
-      recompute: how the pull step gets the inner updates it averages.
-        ``True``: the averaging branch runs the inner update itself, so
-        off-sync steps materialize nothing extra (their inner update fuses
-        with ``apply_updates``) and the inner optimizer runs twice on pull
-        steps. ``False``: the inner update runs once and is handed to the
-        branch, which materializes it on every step. ``None`` (default):
-        ``True`` unless an extra argument of ``update`` is callable (such as
-        the ``grad_fn`` of :func:`optax_wa.sharpness_aware`, whose update
-        evaluates gradients and is too costly to run twice). Both give the
-        same result up to float rounding.
+      recompute: how the pull step gets the inner updates it averages, as
+        in :func:`lookaround`: ``True`` reruns the inner update inside the
+        pull branch, ``False`` hands it the once-computed updates, ``None``
+        (default) is ``True`` unless an extra argument is callable.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`PapaState`.
