@@ -2,11 +2,14 @@
 
 Prints, side by side in one process:
 
-* update ratio: the wrapper's update (plus ``apply_updates``, jitted with
-  donation) over windows of 10 updates, which hold whole sync periods
-  (lookaround: 5, papa: 10), divided by the vmapped inner optimizer's, on a
-  stacked tree with ResNet-20's parameter shapes (0.27M values per member,
+* update ratio: the wrapper's ``update`` alone (jitted; state and the
+  previous updates donated) over windows of 10 updates, which hold whole
+  sync periods (lookaround: 5, papa: 10), divided by the vmapped inner
+  optimizer's, on a stacked tree with ResNet-20's parameter shapes (0.27M values per member,
   4 members); both ways of feeding the averaging branch (``recompute``);
+* update+apply ratio: the same with ``optax.apply_updates`` in the jitted
+  step and the params donated (the inner optimizer's update then fuses into
+  its apply);
 * full train-step ratio: the same with a ResNet-20-shaped forward and
   backward pass (CIFAR input, 32x32x3) in the step.
 
@@ -113,6 +116,18 @@ def make_update_step(opt):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_update_only_step(opt):
+    """The update alone; the carry is ``(params, last_updates)``, both donated,
+    so the updates reuse one buffer as in a training loop."""
+
+    def step(carry, state, grads):
+        params, _ = carry
+        updates, state = opt.update(grads, state, params)
+        return (params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def make_train_step(opt):
     grad = jax.vmap(jax.grad(resnet20_loss))
 
@@ -135,11 +150,12 @@ def time_period(step, params, state, inputs, period):
     return time.perf_counter() - start, params, state
 
 
-def compare(opts, inputs, make_step, params0, period, repeats):
+def compare(opts, inputs, make_step, params0, period, repeats, params_of=None):
+    """Interleaved timings; ``params_of(carry)`` picks the params out of a carry."""
     runs = {}
     for name, opt in opts.items():
         params = jax.tree.map(jnp.copy, params0)
-        state = opt.init(params)
+        state = opt.init(params_of(params) if params_of else params)
         step = make_step(opt)
         _, params, state = time_period(step, params, state, inputs, period)  # compile
         runs[name] = [step, params, state, []]
@@ -186,6 +202,16 @@ def main():
     )
 
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    carry = (params, jax.tree.map(jnp.zeros_like, params))
+    update_only = compare(
+        opts,
+        grads,
+        make_update_only_step,
+        carry,
+        k,
+        args.repeats,
+        params_of=lambda c: c[0],
+    )
     update = compare(opts, grads, make_update_step, params, k, args.repeats)
     key = jax.random.key(1)
     batch = (
@@ -206,16 +232,19 @@ def main():
         "[25th, 75th percentile]"
     )
     print(
-        "| method | update ms/step | update ratio | train step ms | train-step ratio |"
+        "| method | update ms | update ratio | update+apply ms | update+apply ratio "
+        "| train step ms | train-step ratio |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name in opts:
-        u, t = ratio(update, name), ratio(train, name)
-        print(
-            f"| {name} | {1e3 * np.median(update[name]):.3f} | "
-            f"{u[0]:.3f} [{u[1]:.3f}, {u[2]:.3f}] | "
-            f"{1e3 * np.median(train[name]):.1f} | {t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}] |"
-        )
+        cells = []
+        for times, digits in ((update_only, 3), (update, 3), (train, 1)):
+            r = ratio(times, name)
+            cells.append(
+                f"{1e3 * np.median(times[name]):.{digits}f} | "
+                f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
