@@ -147,18 +147,12 @@ def _step_and_mean(
       which materializes them on every step.
     """
 
+    def added(a, b):
+        acc = members._accumulation_dtype(a.dtype)
+        return a.astype(acc) + b.astype(acc)
+
     def mean_of(p, u):
-        return members.reduced_member_mean(
-            jax.tree.map(
-                lambda a, b: (
-                    a.astype(members._accumulation_dtype(a.dtype))
-                    + b.astype(members._accumulation_dtype(a.dtype))
-                ),
-                p,
-                u,
-            ),
-            axis_name,
-        )
+        return members.reduced_member_mean(jax.tree.map(added, p, u), axis_name)
 
     # Shapes of the reduced mean, read off the params (no extra trace).
     shapes = jax.tree.map(
