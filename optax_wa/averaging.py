@@ -137,8 +137,9 @@ def _step_and_mean(
     that off-sync steps do not pay for it; the skipped branch only fills
     ``1/M`` of the ensemble's values with zeros. Two ways to feed the branch:
 
-    * ``recompute``: the branch runs the inner update itself from the
-      (unchanged) gradients, inner state and params, so nothing extra is
+    * ``recompute`` (``None``: unless an extra argument is callable): the
+      branch runs the inner update itself from the (unchanged) gradients,
+      inner state and params, so nothing extra is
       materialized on off-sync steps and the inner update outside the branch
       fuses with the caller's ``apply_updates``; the inner optimizer runs twice
       on due steps. The inner update outside is ordered after the branch
@@ -172,7 +173,7 @@ def _step_and_mean(
         )
         return inner_updates, inner_state, mean_of(params, inner_updates)
 
-    if recompute:
+    if _wants_recompute(recompute, extra_args):
         # The token is made inside each branch: a value closed over from
         # outside would be hoisted out of the cond, losing the ordering.
 
@@ -297,7 +298,7 @@ def lookaround(
             is_sync,
             axis_name,
             always=sync_period == 1,
-            recompute=_wants_recompute(recompute, extra_args),
+            recompute=recompute,
         )
         new_updates = jax.tree.map(
             lambda a, p, u: jnp.where(
@@ -410,7 +411,7 @@ def papa(
             is_pull,
             axis_name,
             always=period == 1,
-            recompute=_wants_recompute(recompute, extra_args),
+            recompute=recompute,
         )
 
         def combine(a, p, u):
