@@ -111,9 +111,21 @@ def _wants_recompute(recompute, extra_args) -> bool:
     return not any(callable(v) for v in jax.tree.leaves(extra_args))
 
 
-def _check_recompute(recompute):
+_CONTROL_FLOWS = ("cond", "select")
+
+
+def _check_recompute(recompute, control_flow):
+    if control_flow not in _CONTROL_FLOWS:
+        raise ValueError(
+            f"control_flow must be one of {_CONTROL_FLOWS}, got {control_flow!r}."
+        )
     if recompute is not None and not isinstance(recompute, bool):
         raise ValueError(f"recompute must be None, True or False, got {recompute!r}.")
+    if recompute is not None and control_flow == "select":
+        raise ValueError(
+            "recompute chooses how the lax.cond branch gets the inner updates; "
+            'it has no meaning with control_flow="select" (leave it None).'
+        )
     return recompute
 
 
@@ -132,10 +144,14 @@ def _step_and_mean(
     """The inner step and, when ``is_due``, the member mean of ``params + inner_updates``.
 
     Returns ``(inner_updates, inner_state, mean)``; ``mean`` is reduced
-    (:func:`optax_wa.members.reduced_member_mean`, accumulation precision) and
-    holds zeros when the mean was not due. The mean sits under ``lax.cond`` so
-    that off-sync steps do not pay for it; the skipped branch only fills
-    ``1/M`` of the ensemble's values with zeros. Two ways to feed the branch:
+    (:func:`optax_wa.members.reduced_member_mean`, accumulation precision).
+    With ``always`` (period 1, or ``control_flow="select"``) the mean is
+    computed on every step, as one elementwise expression that XLA fuses with
+    the inner update and the caller's selection (the member sum is unrolled),
+    so no pass over the ensemble is added. Otherwise the mean sits under
+    ``lax.cond`` so that off-sync steps do not pay for it and holds zeros when
+    it was not due; the skipped branch only fills ``1/M`` of the ensemble's
+    values with zeros. Two ways to feed the branch:
 
     * ``recompute`` (``None``: unless an extra argument is callable): the
       branch runs the inner update itself from the (unchanged) gradients,
@@ -207,6 +223,7 @@ def lookaround(
     axis_name: str | None = None,
     state_policy: str = "keep",
     recompute: bool | None = None,
+    control_flow: str = "cond",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookaround: members step independently, then are replaced by their average.
 
@@ -222,8 +239,8 @@ def lookaround(
       \end{cases}
 
     where :math:`u_i^t` is the inner update of member :math:`i` and :math:`k`
-    is ``sync_period``. Off-sync steps do not compute the average (the sync is
-    a ``lax.cond``; see ``recompute``).
+    is ``sync_period``. By default off-sync steps do not compute the average
+    (the sync is a ``lax.cond``; see ``recompute`` and ``control_flow``).
 
     The returned update is ``new_params - params``, so ``lookaround`` must be
     the last element of an ``optax.chain``. Extra keyword arguments of
@@ -249,7 +266,20 @@ def lookaround(
         ``True`` unless an extra argument of ``update`` is callable (such as
         the ``grad_fn`` of :func:`optax_wa.sharpness_aware`, whose update
         evaluates gradients and is too costly to run twice). Both give the
-        same result up to float rounding.
+        same result up to float rounding. Only with ``control_flow="cond"``.
+      control_flow: ``"cond"`` (default): the average is a ``lax.cond``
+        branch that only sync steps run; it reads the ensemble once more on
+        those steps. ``"select"``: no control flow; every step computes the
+        member mean inside the same fused elementwise pass as the inner update
+        and keeps it on sync steps (``jnp.where``), so a sync step costs about
+        what an off-sync step does and the inner update runs once. Pick
+        ``"select"`` when ``update`` is timed on its own or the new params are
+        written to a fresh buffer; when the step donates the params and
+        applies the updates in place, XLA must stage the new params and copy
+        them (the mean reads other members' params), which costs more than the
+        branch. In named mode, and with the member axis split over devices,
+        ``"select"`` runs the cross-member reduction (a collective) on every
+        step. Both give the same result up to float rounding.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`LookaroundState`.
@@ -272,7 +302,7 @@ def lookaround(
       <https://arxiv.org/abs/2306.07684>`_, NeurIPS 2023.
     """
     sync_period = _check_period("sync_period", sync_period)
-    recompute = _check_recompute(recompute)
+    recompute = _check_recompute(recompute, control_flow)
     if state_policy not in _STATE_POLICIES:
         raise ValueError(
             f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}."
@@ -297,7 +327,7 @@ def lookaround(
             extra_args,
             is_sync,
             axis_name,
-            always=sync_period == 1,
+            always=sync_period == 1 or control_flow == "select",
             recompute=recompute,
         )
         new_updates = jax.tree.map(
@@ -337,6 +367,7 @@ def papa(
     period: int = 10,
     axis_name: str | None = None,
     recompute: bool | None = None,
+    control_flow: str = "cond",
 ) -> optax.GradientTransformationExtraArgs:
     r"""PAPA: every ``period`` steps, pull each member toward the population mean.
 
@@ -366,6 +397,9 @@ def papa(
         in :func:`lookaround`: ``True`` reruns the inner update inside the
         pull branch, ``False`` hands it the once-computed updates, ``None``
         (default) is ``True`` unless an extra argument is callable.
+      control_flow: ``"cond"`` (default: the pull is a ``lax.cond`` branch)
+        or ``"select"`` (the member mean is fused into every step's pass and
+        kept on pull steps), as in :func:`lookaround`.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`PapaState`.
@@ -384,7 +418,7 @@ def papa(
       <https://arxiv.org/abs/2304.03094>`_, TMLR 2024.
     """
     period = _check_period("period", period)
-    recompute = _check_recompute(recompute)
+    recompute = _check_recompute(recompute, control_flow)
     if not callable(alpha) and _is_concrete_number(alpha):
         value = np.asarray(alpha)
         if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
@@ -410,7 +444,7 @@ def papa(
             extra_args,
             is_pull,
             axis_name,
-            always=period == 1,
+            always=period == 1 or control_flow == "select",
             recompute=recompute,
         )
 

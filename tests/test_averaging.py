@@ -57,11 +57,12 @@ def test_lookaround_one_member_equals_inner():
         )
 
 
-def test_lookaround_hand_traced_two_syncs():
+@pytest.mark.parametrize("control_flow", ["cond", "select"])
+def test_lookaround_hand_traced_two_syncs(control_flow):
     # Two members, SGD lr=1, k=2:
     # (1, 3) -g(1,-1)-> (0, 4) -g(1,-1)-> (-1, 5) -sync-> (2, 2)
     #        -g(1,.5)-> (1, 1.5) -g(-1,.5)-> (2, 1) -sync-> (1.5, 1.5)
-    opt = optax_wa.lookaround(optax.sgd(1.0), sync_period=2)
+    opt = optax_wa.lookaround(optax.sgd(1.0), sync_period=2, control_flow=control_flow)
     params = {"w": jnp.array([1.0, 3.0])}
     grads = [jnp.array(g) for g in ([1.0, -1.0], [1.0, -1.0], [1.0, 0.5], [-1.0, 0.5])]
     trajectory, state = _run(opt, params, [{"w": g} for g in grads])
@@ -199,6 +200,20 @@ _FACTORIES = {
     "papa": lambda axis_name: optax_wa.papa(
         optax.adam(0.1), alpha=0.8, period=2, axis_name=axis_name
     ),
+    "lookaround_select": lambda axis_name: optax_wa.lookaround(
+        optax.sgd(0.1, momentum=0.9),
+        sync_period=2,
+        axis_name=axis_name,
+        state_policy="average",
+        control_flow="select",
+    ),
+    "papa_select": lambda axis_name: optax_wa.papa(
+        optax.adam(0.1),
+        alpha=0.8,
+        period=2,
+        axis_name=axis_name,
+        control_flow="select",
+    ),
 }
 
 
@@ -261,11 +276,12 @@ def test_stacked_equals_named_shard_map_two_members_per_device(name):
     chex.assert_trees_all_close(stacked, named, rtol=1e-6, atol=1e-6)
 
 
-def test_stacked_sharded_equals_unsharded():
+@pytest.mark.parametrize("name", ["lookaround", "lookaround_select"])
+def test_stacked_sharded_equals_unsharded(name):
     mesh = jax.make_mesh((8,), ("members",))
     params, grads = _random_params(8), _random_grads(5, 8)
-    opt = _FACTORIES["lookaround"](None)
-    want = _stacked_run("lookaround", params, grads)
+    opt = _FACTORIES[name](None)
+    want = _stacked_run(name, params, grads)
     with jax.set_mesh(mesh):
         sharded_params = members.shard_members(params, mesh)
         sharded_grads = [members.shard_members(g, mesh) for g in grads]
@@ -447,3 +463,89 @@ def test_recompute_with_a_random_inner_optimizer_draws_the_same_noise(factory):
     quiet = factory(optax.sgd(0.1), recompute=True, **_PERIOD_TWO[factory])
     plain = _run(quiet, params, grads)[0]
     assert float(jnp.abs(plain[-1]["w"] - runs[True][-1]["w"]).max()) > 1e-3
+
+
+# --- control_flow="select": the mean fused into every step, no lax.cond -----
+
+
+@pytest.mark.parametrize("name", sorted(_RECOMPUTE_FACTORIES))
+def test_select_equals_cond(name):
+    params, grads = _random_params(3), _random_grads(7, 3)
+    runs = {}
+    for flow in ("cond", "select"):
+        opt = _RECOMPUTE_FACTORIES[name](control_flow=flow)
+        runs[flow] = _run(opt, params, grads, update=jax.jit(opt.update))
+    for a, b in zip(runs["cond"][0], runs["select"][0]):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(
+        runs["cond"][1], runs["select"][1], rtol=1e-6, atol=1e-6
+    )
+
+
+def test_select_papa_pull_is_exact():
+    alpha = 0.75
+    opt = optax_wa.papa(optax.sgd(0.0), alpha=alpha, period=2, control_flow="select")
+    params = {"w": jnp.array([[0.0, 2.0], [4.0, 10.0]])}
+    grads = [jax.tree.map(jnp.zeros_like, params)] * 2
+    trajectory, _ = _run(opt, params, grads)
+    np.testing.assert_array_equal(trajectory[0]["w"], params["w"])  # no pull yet
+    mean = params["w"].mean(0)
+    want = alpha * params["w"] + (1 - alpha) * mean
+    np.testing.assert_allclose(trajectory[1]["w"], want, rtol=1e-7)
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+def test_select_named_vmap_equals_stacked(factory):
+    params, grads = _random_params(4), _random_grads(5, 4)
+
+    def make(axis_name):
+        return factory(
+            optax.adam(0.1),
+            axis_name=axis_name,
+            control_flow="select",
+            **_PERIOD_TWO[factory],
+        )
+
+    stacked_opt = make(None)
+    stacked, _ = _run(stacked_opt, params, grads, update=jax.jit(stacked_opt.update))
+    named_opt = make("members")
+    step = jax.jit(jax.vmap(named_opt.update, axis_name="members"))
+    state, named = jax.vmap(named_opt.init)(params), params
+    for g in grads:
+        updates, state = step(g, state, named)
+        named = optax.apply_updates(named, updates)
+    chex.assert_trees_all_close(stacked[-1], named, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+def test_select_has_no_control_flow_and_runs_the_inner_update_once(factory):
+    calls = []
+
+    def grad_fn(p):
+        calls.append(1)
+        return jax.grad(lambda q: jnp.sum(q["w"] ** 2) + jnp.sum(q["b"] ** 2))(p)
+
+    opt = factory(
+        optax_wa.ssam(optax.sgd(0.1), rho=0.05),
+        control_flow="select",
+        **_PERIOD_TWO[factory],
+    )
+    params = _random_params(2)
+    jaxpr = jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, grad_fn=grad_fn))(
+        _random_grads(1, 2)[0], opt.init(params), params
+    )
+    assert len(calls) == 1
+    assert "cond[" not in str(jaxpr)
+    cond_opt = factory(optax.sgd(0.1), **_PERIOD_TWO[factory])
+    cond_jaxpr = jax.make_jaxpr(cond_opt.update)(
+        _random_grads(1, 2)[0], cond_opt.init(params), params
+    )
+    assert "cond[" in str(cond_jaxpr)  # the check above can fail
+
+
+@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
+def test_bad_control_flow_is_rejected(factory):
+    with pytest.raises(ValueError, match="control_flow"):
+        factory(optax.sgd(0.1), control_flow="while")
+    with pytest.raises(ValueError, match="recompute"):
+        factory(optax.sgd(0.1), control_flow="select", recompute=True)

@@ -80,6 +80,18 @@ CASES: dict[str, Case] = {
         ),
         hyperparams={"alpha": 0.9},
     ),
+    "lookaround_select": Case(
+        make=lambda learning_rate: optax_wa.lookaround(
+            optax.sgd(learning_rate, momentum=0.9), sync_period=2, control_flow="select"
+        ),
+        hyperparams={"learning_rate": 0.1},
+    ),
+    "papa_select": Case(
+        make=lambda alpha: optax_wa.papa(
+            optax.sgd(0.1, momentum=0.9), alpha=alpha, period=2, control_flow="select"
+        ),
+        hyperparams={"alpha": 0.9},
+    ),
     "sharpness_aware": Case(
         make=lambda learning_rate, rho: optax_wa.sharpness_aware(
             optax.sgd(learning_rate, momentum=0.9), rho=rho
