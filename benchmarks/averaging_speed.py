@@ -6,17 +6,21 @@ Prints, side by side in one process:
   previous updates donated) over windows of 10 updates, which hold whole
   sync periods (lookaround: 5, papa: 10), divided by the vmapped inner
   optimizer's, on a stacked tree with ResNet-20's parameter shapes (0.27M values per member,
-  4 members); both ways of feeding the averaging branch (``recompute``);
+  4 members); both ways of feeding the averaging branch (``recompute``) and
+  ``control_flow="select"`` (no branch: the mean fused into every step);
 * update+apply ratio: the same with ``optax.apply_updates`` in the jitted
   step and the params donated (the inner optimizer's update then fuses into
-  its apply);
+  its apply, which writes the params in place);
+* update+apply ratio with only the optimizer state donated (the new params
+  go to a fresh buffer);
 * full train-step ratio: the same with a ResNet-20-shaped forward and
   backward pass (CIFAR input, 32x32x3) in the step.
 
-Rounds interleave the methods (same machine conditions); each ratio is the
-median over rounds of the per-round ratio, with its quartiles::
+Rounds interleave the methods (same machine conditions; every other round
+in reverse order); each ratio is the median over rounds of the per-round
+ratio, with its quartiles::
 
-    python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 40]
+    python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 100] [--train-repeats 8]
 """
 
 from __future__ import annotations
@@ -116,6 +120,16 @@ def make_update_step(opt):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_fresh_params_step(opt):
+    """Update and apply; only the state is donated, new params get a new buffer."""
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
 def make_update_only_step(opt):
     """The update alone; the carry is ``(params, last_updates)``, both donated,
     so the updates reuse one buffer as in a training loop."""
@@ -159,8 +173,11 @@ def compare(opts, inputs, make_step, params0, period, repeats, params_of=None):
         step = make_step(opt)
         _, params, state = time_period(step, params, state, inputs, period)  # compile
         runs[name] = [step, params, state, []]
-    for _ in range(repeats):
-        for run in runs.values():  # interleaved: same machine conditions
+    for r in range(repeats):
+        # Interleaved (same machine conditions), in reversed order every other
+        # round, so a drift within a round favours no method.
+        order = list(runs.values())
+        for run in order if r % 2 == 0 else order[::-1]:
             seconds, run[1], run[2] = time_period(
                 run[0], run[1], run[2], inputs, period
             )
@@ -172,8 +189,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="images per member")
-    parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--train-repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--train-repeats", type=int, default=8)
     args = parser.parse_args()
     # Default periods: lookaround syncs every 5 updates, papa pulls every 10;
     # timing windows of 10 updates hold whole periods of both.
@@ -189,6 +206,12 @@ def main():
         "inner (vmapped sgd+momentum)": members.per_member(inner),
         "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
         "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
+        'lookaround, control_flow="select"': optax_wa.lookaround(
+            inner, sync_period=5, control_flow="select"
+        ),
+        'papa, control_flow="select"': optax_wa.papa(
+            inner, alpha=0.99, period=10, control_flow="select"
+        ),
         "lookaround, recompute=False": optax_wa.lookaround(
             inner, sync_period=5, recompute=False
         ),
@@ -213,6 +236,7 @@ def main():
         params_of=lambda c: c[0],
     )
     update = compare(opts, grads, make_update_step, params, k, args.repeats)
+    fresh = compare(opts, grads, make_fresh_params_step, params, k, args.repeats)
     key = jax.random.key(1)
     batch = (
         jax.random.normal(key, (m, args.batch, 32, 32, 3)),
@@ -233,12 +257,13 @@ def main():
     )
     print(
         "| method | update ms | update ratio | update+apply ms | update+apply ratio "
+        "| update+apply, new params buffer ms | ratio "
         "| train step ms | train-step ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in opts:
         cells = []
-        for times, digits in ((update_only, 3), (update, 3), (train, 1)):
+        for times, digits in ((update_only, 3), (update, 3), (fresh, 3), (train, 1)):
             r = ratio(times, name)
             cells.append(
                 f"{1e3 * np.median(times[name]):.{digits}f} | "

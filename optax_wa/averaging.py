@@ -271,8 +271,9 @@ def lookaround(
         branch that only sync steps run; it reads the ensemble once more on
         those steps. ``"select"``: no control flow; every step computes the
         member mean inside the same fused elementwise pass as the inner update
-        and keeps it on sync steps (``jnp.where``), so a sync step costs about
-        what an off-sync step does and the inner update runs once. Pick
+        (the member sum is unrolled up to 32 members) and keeps it on sync
+        steps (``jnp.where``), so a sync step costs about what an off-sync
+        step does and the inner update runs once. Pick
         ``"select"`` when ``update`` is timed on its own or the new params are
         written to a fresh buffer; when the step donates the params and
         applies the updates in place, XLA must stage the new params and copy
