@@ -36,14 +36,18 @@ import optax_wa
 from optax_wa import members
 
 
-def lookaround_whole_update_cond(inner, sync_period):
-    """Lookaround (``state_policy="keep"``) with the whole update in a cond."""
-    per_member = members.per_member(inner)
-
+def _init(per_member):
     def init_fn(params):
         return optax_wa.LookaroundState(
             count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
         )
+
+    return init_fn
+
+
+def lookaround_whole_update_cond(inner, sync_period):
+    """Lookaround (``state_policy="keep"``) with the whole update in a cond."""
+    per_member = members.per_member(inner)
 
     def update_fn(grads, state, params=None):
         count = optax.safe_increment(state.count)
@@ -67,7 +71,7 @@ def lookaround_whole_update_cond(inner, sync_period):
         )
         return updates, optax_wa.LookaroundState(count=count, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init(per_member), update_fn)
 
 
 def inner_with_scalar_cond(inner, sync_period):
@@ -77,11 +81,6 @@ def inner_with_scalar_cond(inner, sync_period):
     keeps the cond; this prices the control flow alone.
     """
     per_member = members.per_member(inner)
-
-    def init_fn(params):
-        return optax_wa.LookaroundState(
-            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
-        )
 
     def update_fn(grads, state, params=None):
         count = optax.safe_increment(state.count)
@@ -94,7 +93,7 @@ def inner_with_scalar_cond(inner, sync_period):
         updates = jax.tree.map(lambda u: u - token, updates)
         return updates, optax_wa.LookaroundState(count=count, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init(per_member), update_fn)
 
 
 def member_sized_copies(step, *args):

@@ -495,29 +495,6 @@ def test_select_papa_pull_is_exact():
 
 
 @pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-def test_select_named_vmap_equals_stacked(factory):
-    params, grads = _random_params(4), _random_grads(5, 4)
-
-    def make(axis_name):
-        return factory(
-            optax.adam(0.1),
-            axis_name=axis_name,
-            control_flow="select",
-            **_PERIOD_TWO[factory],
-        )
-
-    stacked_opt = make(None)
-    stacked, _ = _run(stacked_opt, params, grads, update=jax.jit(stacked_opt.update))
-    named_opt = make("members")
-    step = jax.jit(jax.vmap(named_opt.update, axis_name="members"))
-    state, named = jax.vmap(named_opt.init)(params), params
-    for g in grads:
-        updates, state = step(g, state, named)
-        named = optax.apply_updates(named, updates)
-    chex.assert_trees_all_close(stacked[-1], named, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
 def test_select_has_no_control_flow_and_runs_the_inner_update_once(factory):
     calls = []
 
