@@ -114,7 +114,7 @@ def _wants_recompute(recompute, extra_args) -> bool:
 _CONTROL_FLOWS = ("cond", "select")
 
 
-def _check_recompute(recompute, control_flow):
+def _check_sync_options(recompute, control_flow):
     if control_flow not in _CONTROL_FLOWS:
         raise ValueError(
             f"control_flow must be one of {_CONTROL_FLOWS}, got {control_flow!r}."
@@ -303,7 +303,7 @@ def lookaround(
       <https://arxiv.org/abs/2306.07684>`_, NeurIPS 2023.
     """
     sync_period = _check_period("sync_period", sync_period)
-    recompute = _check_recompute(recompute, control_flow)
+    recompute = _check_sync_options(recompute, control_flow)
     if state_policy not in _STATE_POLICIES:
         raise ValueError(
             f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}."
@@ -419,7 +419,7 @@ def papa(
       <https://arxiv.org/abs/2304.03094>`_, TMLR 2024.
     """
     period = _check_period("period", period)
-    recompute = _check_recompute(recompute, control_flow)
+    recompute = _check_sync_options(recompute, control_flow)
     if not callable(alpha) and _is_concrete_number(alpha):
         value = np.asarray(alpha)
         if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
