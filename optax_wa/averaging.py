@@ -138,14 +138,15 @@ def _step_and_mean(
     is_due,
     axis_name,
     *,
-    always,
+    period,
+    control_flow,
     recompute,
 ):
     """The inner step and, when ``is_due``, the member mean of ``params + inner_updates``.
 
     Returns ``(inner_updates, inner_state, mean)``; ``mean`` is reduced
     (:func:`optax_wa.members.reduced_member_mean`, accumulation precision).
-    With ``always`` (period 1, or ``control_flow="select"``) the mean is
+    With period 1 or ``control_flow="select"`` the mean is
     computed on every step, as one elementwise expression that XLA fuses with
     the inner update and the caller's selection (the member sum is unrolled),
     so no pass over the ensemble is added. Otherwise the mean sits under
@@ -183,7 +184,7 @@ def _step_and_mean(
     def zeros(_):
         return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
-    if always:
+    if period == 1 or control_flow == "select":
         inner_updates, inner_state = per_member.update(
             updates, inner_state, params, **extra_args
         )
@@ -328,7 +329,8 @@ def lookaround(
             extra_args,
             is_sync,
             axis_name,
-            always=sync_period == 1 or control_flow == "select",
+            period=sync_period,
+            control_flow=control_flow,
             recompute=recompute,
         )
         new_updates = jax.tree.map(
@@ -445,7 +447,8 @@ def papa(
             extra_args,
             is_pull,
             axis_name,
-            always=period == 1 or control_flow == "select",
+            period=period,
+            control_flow=control_flow,
             recompute=recompute,
         )
 
