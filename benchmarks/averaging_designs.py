@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from averaging_speed import (
     compare,
+    compare_update_only,
     init_params,
     make_update_only_step,
     make_update_step,
@@ -151,16 +152,7 @@ def main():
         f"whole-update cond == library lookaround over 7 steps (max |diff| {err:.1e})"
     )
 
-    carry = (params, jax.tree.map(jnp.zeros_like, params))
-    update_only = compare(
-        opts,
-        grads,
-        make_update_only_step,
-        carry,
-        k,
-        args.repeats,
-        params_of=lambda c: c[0],
-    )
+    update_only = compare_update_only(opts, grads, params, k, args.repeats)
     update_apply = compare(opts, grads, make_update_step, params, k, args.repeats)
     base = "inner (vmapped sgd+momentum)"
     print(
@@ -173,7 +165,7 @@ def main():
         state = opt.init(params)
         cells = []
         for times, make, first in (
-            (update_only, make_update_only_step, carry),
+            (update_only, make_update_only_step, (params, grads)),
             (update_apply, make_update_step, params),
         ):
             r = np.percentile(times[name] / times[base], [50, 25, 75])

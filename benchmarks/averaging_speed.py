@@ -185,6 +185,20 @@ def compare(opts, inputs, make_step, params0, period, repeats, params_of=None):
     return {name: np.asarray(run[3]) for name, run in runs.items()}
 
 
+def compare_update_only(opts, grads, params, period, repeats):
+    """:func:`compare` for the update alone (carry: params and last updates)."""
+    carry = (params, jax.tree.map(jnp.zeros_like, params))
+    return compare(
+        opts,
+        grads,
+        make_update_only_step,
+        carry,
+        period,
+        repeats,
+        params_of=lambda c: c[0],
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=4)
@@ -225,16 +239,7 @@ def main():
     )
 
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
-    carry = (params, jax.tree.map(jnp.zeros_like, params))
-    update_only = compare(
-        opts,
-        grads,
-        make_update_only_step,
-        carry,
-        k,
-        args.repeats,
-        params_of=lambda c: c[0],
-    )
+    update_only = compare_update_only(opts, grads, params, k, args.repeats)
     update = compare(opts, grads, make_update_step, params, k, args.repeats)
     fresh = compare(opts, grads, make_fresh_params_step, params, k, args.repeats)
     key = jax.random.key(1)
