@@ -24,11 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_wa import permutation as _perm
+from optax_wa.permutation import (
+    MatchingOptions,
+    PermutationSpec,
+    apply_permutation,
+    gradient_matching,
+    named_leaves,
+    validate,
+    weight_matching,
+)
 
 PyTree = Any
 
-_METHODS = ("fgmt", "gmt", "naive", "oracle", "init_matching")
 _SCHEDULES = ("uniform", "cosine")
 
 
@@ -47,20 +54,27 @@ class TransferResult(NamedTuple):
         weight-matching objective); empty for ``naive``.
       grad_calls: number of ``grad_fn`` calls (``2T`` for FGMT, ``T(T+1)``
         for GMT, 0 otherwise).
-      scores: ``eval_fn`` at every step ``t = 0..T`` (``None`` without
-        ``eval_fn``).
-      best_step: the step with the highest score (first on ties; ``None``
-        without ``eval_fn``).
-      batch_stats: ``batch_stats_fn(params[t])`` for ``t = 0..T`` (``None``
-        without ``batch_stats_fn``).
     """
 
     params: list[PyTree]
     perms: list[dict[str, jax.Array]]
     objectives: list[float]
     grad_calls: int
-    scores: list[float] | None
-    best_step: int | None
+
+
+class TrajectoryScores(NamedTuple):
+    """Result of :func:`evaluate_trajectory`.
+
+    Attributes:
+      scores: ``eval_fn`` at every step ``t = 0..T``.
+      best_step: the step with the highest score (first on ties; NaN scores
+        never win).
+      batch_stats: ``batch_stats_fn(params[t])`` for ``t = 0..T`` (``None``
+        without ``batch_stats_fn``).
+    """
+
+    scores: list[float]
+    best_step: int
     batch_stats: list[PyTree] | None
 
 
@@ -69,7 +83,7 @@ def transfer_params(
     source_init: PyTree,
     source_t: PyTree,
     perms: Mapping[str, jax.Array],
-    spec: _perm.PermutationSpec,
+    spec: PermutationSpec,
 ) -> PyTree:
     r"""Transfers one source step onto the target init.
 
@@ -103,7 +117,7 @@ def transfer_params(
       <https://arxiv.org/abs/2305.14122>`_, ICLR 2024
     """
     delta = jax.tree.map(lambda a, b: a - b, source_t, source_init)
-    moved = _perm.apply_permutation(spec, perms, delta)
+    moved = apply_permutation(spec, perms, delta)
     return jax.tree.map(lambda t, d: (t + d).astype(t.dtype), target_init, moved)
 
 
@@ -194,18 +208,13 @@ def source_trajectory(
     return out
 
 
-def _check_args(method, schedule, num_steps, solver, max_sweeps):
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}.")
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
-    _perm._check_matching_args(solver, max_sweeps)
+# --------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------
 
 
 def _check_params_only(spec, tree, name):
-    leaves = _perm._named_leaves(tree)
+    leaves = named_leaves(tree)
     stats = sorted(set(leaves) & spec.batch_stats)
     if stats:
         raise ValueError(
@@ -237,22 +246,159 @@ def _take_batches(batches, count):
     return out
 
 
+# --------------------------------------------------------------------------
+# Methods: one function each, chosen from _METHODS
+# --------------------------------------------------------------------------
+
+
+class _Problem(NamedTuple):
+    """What every method sees: the source steps, the target init and options."""
+
+    spec: PermutationSpec
+    sizes: dict[str, int]
+    trajectory: list[PyTree]  # theta_1^0..theta_1^T
+    target_init: PyTree
+    grad_fn: Callable[[PyTree, Any], PyTree] | None
+    batches: Iterable[Any] | None
+    target_trained: PyTree | None
+    ref_shapes: dict[str, tuple[int, ...]]
+    matching: MatchingOptions
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.trajectory) - 1
+
+    def identity(self) -> dict[str, jax.Array]:
+        return {g: jnp.arange(n, dtype=jnp.int32) for g, n in self.sizes.items()}
+
+    def transfer(self, t: int, perms) -> PyTree:
+        """theta_2^t for the permutation ``perms``."""
+        return _transfer_params_jit(
+            self.target_init, self.trajectory[0], self.trajectory[t], perms, self.spec
+        )
+
+    def weight_matching(self, a, b):
+        m = self.matching
+        return weight_matching(
+            self.spec, a, b, solver=m.solver, max_sweeps=m.max_sweeps, seed=m.seed
+        )
+
+
+def _fixed(problem: _Problem, perms, objectives) -> TransferResult:
+    """One permutation for every step."""
+    T = problem.num_steps
+    params = [problem.target_init]
+    params += [problem.transfer(t, perms) for t in range(1, T + 1)]
+    return TransferResult(params, [perms] * (T + 1), objectives, 0)
+
+
+def _naive(problem: _Problem) -> TransferResult:
+    return _fixed(problem, problem.identity(), [])
+
+
+def _init_matching(problem: _Problem) -> TransferResult:
+    result = problem.weight_matching(problem.target_init, problem.trajectory[0])
+    return _fixed(problem, result.perms, [result.objectives[-1]])
+
+
+def _oracle(problem: _Problem) -> TransferResult:
+    """Aligns the two training displacements."""
+    if problem.target_trained is None:
+        raise ValueError("method='oracle' needs target_trained (the trained target).")
+    _check_same_structure(
+        problem.ref_shapes, problem.target_trained, "target_trained", problem.spec
+    )
+    a = jax.tree.map(lambda x, y: x - y, problem.target_trained, problem.target_init)
+    traj = problem.trajectory
+    b = jax.tree.map(lambda x, y: x - y, traj[-1], traj[0])
+    result = problem.weight_matching(a, b)
+    return _fixed(problem, result.perms, [result.objectives[-1]])
+
+
+def _along_gradients(problem: _Problem, method: str, step_pairs) -> TransferResult:
+    """The loop of FGMT and GMT: at step t, match the pairs ``step_pairs`` gives.
+
+    ``step_pairs(t, grad_pair, params, perms)`` returns the gradient pairs of
+    step ``t``, given ``grad_pair(target_params, s)`` (target and source
+    gradients on batch ``s``, on the host), the params so far and the
+    current permutation (``None`` before the first matching).
+    """
+    if problem.grad_fn is None or problem.batches is None:
+        raise ValueError(f"method={method!r} needs grad_fn and batches.")
+    batches = _take_batches(problem.batches, problem.num_steps)
+    calls = []
+
+    def grad_pair(target_params, s):
+        calls.append(s)
+        g2 = problem.grad_fn(target_params, batches[s])
+        g1 = problem.grad_fn(problem.trajectory[s], batches[s])
+        return _on_host(g2), _on_host(g1)
+
+    m = problem.matching
+    perms = None  # the first matching warm-starts (see gradient_matching)
+    out = TransferResult([problem.target_init], [problem.identity()], [], 0)
+    for t in range(1, problem.num_steps + 1):
+        result = gradient_matching(
+            problem.spec,
+            step_pairs(t, grad_pair, out.params, perms),
+            solver=m.solver,
+            max_sweeps=m.max_sweeps,
+            seed=m.seed + t,
+            init_perms=perms,
+        )
+        perms = result.perms
+        out.objectives.append(result.objectives[-1])
+        out.perms.append(perms)
+        out.params.append(problem.transfer(t, perms))
+    return out._replace(grad_calls=2 * len(calls))
+
+
+def _on_host(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def _fgmt(problem: _Problem) -> TransferResult:
+    """One new pair per step, at the target's own previous step; all kept."""
+    cache = []
+
+    def step_pairs(t, grad_pair, params, perms):
+        cache.append(grad_pair(params[t - 1], t - 1))
+        return cache
+
+    return _along_gradients(problem, "fgmt", step_pairs)
+
+
+def _gmt(problem: _Problem) -> TransferResult:
+    """All pairs recomputed along the trajectory the current permutation gives."""
+
+    def step_pairs(t, grad_pair, params, perms):
+        current = problem.identity() if perms is None else perms
+        return [grad_pair(problem.transfer(s, current), s) for s in range(t)]
+
+    return _along_gradients(problem, "gmt", step_pairs)
+
+
+_METHODS = {
+    "fgmt": _fgmt,
+    "gmt": _gmt,
+    "naive": _naive,
+    "oracle": _oracle,
+    "init_matching": _init_matching,
+}
+
+
 def transfer_trajectory(
     source: Sequence[PyTree],
     target_init: PyTree,
     grad_fn: Callable[[PyTree, Any], PyTree] | None,
     batches: Iterable[Any] | None,
-    spec: _perm.PermutationSpec,
+    spec: PermutationSpec,
     *,
     method: str = "fgmt",
     num_steps: int = 10,
     schedule: str = "uniform",
-    eval_fn: Callable[..., float] | None = None,
-    batch_stats_fn: Callable[[PyTree], PyTree] | None = None,
     target_trained: PyTree | None = None,
-    solver: str = "scipy",
-    max_sweeps: int = 100,
-    seed: int = 0,
+    matching: MatchingOptions | None = None,
 ) -> TransferResult:
     r"""Transfers a source learning trajectory onto a new initialization.
 
@@ -282,8 +428,8 @@ def transfer_trajectory(
       inits, :math:`\theta_2^0` with :math:`\theta_1^0`.
 
     BatchNorm statistics are never transferred: pass parameters only (the
-    spec's ``batch_stats`` leaves are refused) and recompute statistics with
-    ``batch_stats_fn(params)`` at every step.
+    spec's ``batch_stats`` leaves are refused); :func:`evaluate_trajectory`
+    recomputes them at every step and scores the steps.
 
     Args:
       source: the source checkpoints, first the source init
@@ -300,16 +446,10 @@ def transfer_trajectory(
         ``"init_matching"``.
       num_steps: :math:`T \geq 1`, a multiple of ``len(source) - 1``.
       schedule: ``"uniform"`` or ``"cosine"`` spacing of the source steps.
-      eval_fn: ``eval_fn(params)`` (or ``eval_fn(params, batch_stats)`` when
-        ``batch_stats_fn`` is given) returning a score, higher is better
-        (e.g. validation accuracy); evaluated at every step.
-      batch_stats_fn: ``params -> batch_stats``, e.g. a BatchNorm
-        recalibration on a few training batches.
       target_trained: the trained target, for ``method="oracle"``.
-      solver: linear-assignment solver, ``"scipy"`` or ``"optax"``.
-      max_sweeps: maximum coordinate-descent sweeps per matching, >= 1.
-      seed: seed of the coordinate-descent group order (step ``t`` uses
-        ``seed + t``).
+      matching: a :class:`~optax_wa.permutation.MatchingOptions` (solver,
+        sweeps, seed) for every matching (default ``MatchingOptions()``);
+        FGMT and GMT use ``seed + t`` at step ``t``.
 
     Returns:
       A :class:`TransferResult`.
@@ -333,8 +473,14 @@ def transfer_trajectory(
       Chijiwa, `Transferring Learning Trajectories of Neural Networks
       <https://arxiv.org/abs/2305.14122>`_, ICLR 2024
     """
-    _check_args(method, schedule, num_steps, solver, max_sweeps)
-    if not isinstance(spec, _perm.PermutationSpec):
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}.")
+    matching = MatchingOptions() if matching is None else matching
+    if not isinstance(matching, MatchingOptions):
+        raise TypeError(
+            f"matching must be a MatchingOptions, got {type(matching).__name__}."
+        )
+    if not isinstance(spec, PermutationSpec):
         raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}.")
     if isinstance(source, Mapping) or not isinstance(source, Sequence):
         raise TypeError(
@@ -344,100 +490,70 @@ def transfer_trajectory(
     ref_shapes = _check_params_only(spec, target_init, "target_init")
     for k, tree in enumerate(source):
         _check_same_structure(ref_shapes, tree, f"source[{k}]", spec)
-    sizes = _perm.validate(spec, target_init)
-    trajectory = source_trajectory(source, num_steps, schedule)
-    theta1_0 = trajectory[0]
-    T = num_steps
-
-    def transfer(t, perms):
-        return _transfer_params_jit(target_init, theta1_0, trajectory[t], perms, spec)
-
-    identity = {g: jnp.arange(n, dtype=jnp.int32) for g, n in sizes.items()}
-    objectives: list[float] = []
-    grad_calls = 0
-
-    if method in ("fgmt", "gmt"):
-        if grad_fn is None or batches is None:
-            raise ValueError(f"method={method!r} needs grad_fn and batches.")
-        batch_list = _take_batches(batches, T)
-
-        def grad_pair(target_params, s):
-            nonlocal grad_calls
-            g2 = grad_fn(target_params, batch_list[s])
-            g1 = grad_fn(trajectory[s], batch_list[s])
-            grad_calls += 2
-            return _perm._to_numpy_pairs(spec, [(g2, g1)])[0][0]
-
-        perms = None  # the first matching warm-starts (see gradient_matching)
-        all_perms = [identity]
-        params = [target_init]
-        cache = []
-        for t in range(1, T + 1):
-            if method == "fgmt":
-                cache.append(grad_pair(params[t - 1], t - 1))
-                pairs = cache
-            else:
-                current = identity if perms is None else perms
-                pairs = [grad_pair(transfer(s, current), s) for s in range(t)]
-            result = _perm._coordinate_descent(
-                spec,
-                pairs,
-                sizes,
-                perms,
-                solver=solver,
-                max_sweeps=max_sweeps,
-                seed=seed + t,
-            )
-            perms = result.perms
-            objectives.append(result.objectives[-1])
-            all_perms.append(perms)
-            params.append(transfer(t, perms))
-    else:
-        if method == "naive":
-            perms = identity
-        else:
-            if method == "init_matching":
-                a, b = target_init, theta1_0
-            else:  # oracle: align the two training displacements
-                if target_trained is None:
-                    raise ValueError(
-                        "method='oracle' needs target_trained (the trained target)."
-                    )
-                _check_same_structure(
-                    ref_shapes, target_trained, "target_trained", spec
-                )
-                a = jax.tree.map(lambda x, y: x - y, target_trained, target_init)
-                b = jax.tree.map(lambda x, y: x - y, trajectory[-1], theta1_0)
-            result = _perm.weight_matching(
-                spec, a, b, solver=solver, max_sweeps=max_sweeps, seed=seed
-            )
-            perms = result.perms
-            objectives.append(result.objectives[-1])
-        all_perms = [perms] * (T + 1)
-        params = [target_init] + [transfer(t, perms) for t in range(1, T + 1)]
-
-    stats = None if batch_stats_fn is None else [batch_stats_fn(p) for p in params]
-    scores = best = None
-    if eval_fn is not None:
-        if stats is None:
-            scores = [float(eval_fn(p)) for p in params]
-        else:
-            scores = [float(eval_fn(p, s)) for p, s in zip(params, stats)]
-        finite = [s if math.isfinite(s) else -math.inf for s in scores]
-        best = int(np.argmax(finite))
-    return TransferResult(
-        params=params,
-        perms=all_perms,
-        objectives=objectives,
-        grad_calls=grad_calls,
-        scores=scores,
-        best_step=best,
-        batch_stats=stats,
+    problem = _Problem(
+        spec=spec,
+        sizes=validate(spec, target_init),
+        trajectory=source_trajectory(source, num_steps, schedule),
+        target_init=target_init,
+        grad_fn=grad_fn,
+        batches=batches,
+        target_trained=target_trained,
+        ref_shapes=ref_shapes,
+        matching=matching,
     )
+    return _METHODS[method](problem)
+
+
+def evaluate_trajectory(
+    params: Sequence[PyTree],
+    eval_fn: Callable[..., float],
+    *,
+    batch_stats_fn: Callable[[PyTree], PyTree] | None = None,
+) -> TrajectoryScores:
+    r"""Scores every step of a transferred trajectory and picks the best one.
+
+    .. math::
+      t^\star = \arg\max_t\ \text{eval\_fn}(\theta_2^t)
+
+    over the finite scores (the first on ties; step 0 when none is finite).
+    With ``batch_stats_fn`` the statistics of each step are recomputed first
+    (e.g. a BatchNorm recalibration on a few training batches, see
+    :func:`~optax_wa.batchnorm.recalibrate_batch_stats`) and passed to
+    ``eval_fn``.
+
+    Args:
+      params: :math:`\theta_2^0..\theta_2^T`, e.g. ``TransferResult.params``.
+      eval_fn: ``eval_fn(params)`` (or ``eval_fn(params, batch_stats)`` with
+        ``batch_stats_fn``) returning a score, higher is better (e.g.
+        validation accuracy).
+      batch_stats_fn: optional ``params -> batch_stats``.
+
+    Returns:
+      A :class:`TrajectoryScores`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa.transfer import evaluate_trajectory
+      >>> steps = [jnp.array(0.0), jnp.array(3.0), jnp.array(1.0)]
+      >>> evaluate_trajectory(steps, lambda p: -(p - 2.0) ** 2).best_step
+      1
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("evaluate_trajectory: params holds no step.")
+    stats = None if batch_stats_fn is None else [batch_stats_fn(p) for p in params]
+    if stats is None:
+        scores = [float(eval_fn(p)) for p in params]
+    else:
+        scores = [float(eval_fn(p, s)) for p, s in zip(params, stats)]
+    finite = [s if math.isfinite(s) else -math.inf for s in scores]
+    return TrajectoryScores(scores, int(np.argmax(finite)), stats)
 
 
 __all__ = [
+    "TrajectoryScores",
     "TransferResult",
+    "evaluate_trajectory",
     "schedule_coefficients",
     "source_trajectory",
     "transfer_params",

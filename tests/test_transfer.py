@@ -196,7 +196,7 @@ def test_init_matching_and_oracle_recover_planted(setup):
     assert out.grad_calls == 0 and len(out.objectives) == 1
 
 
-def test_eval_fn_batch_stats_fn_and_best_step(setup):
+def test_evaluate_trajectory_batch_stats_and_best_step(setup):
     spec, checkpoints, batches, _ = setup
     held_out = make_batches(300, 1)[0]
     seen_stats = []
@@ -210,27 +210,29 @@ def test_eval_fn_batch_stats_fn_and_best_step(setup):
         return -float(loss(params, held_out))
 
     out = transfer.transfer_trajectory(
-        checkpoints,
-        init_params(5),
-        grad_fn,
-        batches,
-        spec,
-        num_steps=T,
-        eval_fn=eval_fn,
-        batch_stats_fn=batch_stats_fn,
+        checkpoints, init_params(5), grad_fn, batches, spec, num_steps=T
+    )
+    scored = transfer.evaluate_trajectory(
+        out.params, eval_fn, batch_stats_fn=batch_stats_fn
     )
     expected = [-float(loss(p, held_out)) for p in out.params]
-    np.testing.assert_allclose(out.scores, expected, rtol=1e-6)
-    assert out.best_step == int(np.argmax(expected))
-    assert len(out.batch_stats) == T + 1
-    chex.assert_trees_all_close(seen_stats, out.batch_stats)
-    chex.assert_trees_all_close(out.batch_stats[2], batch_stats_fn(out.params[2]))
+    np.testing.assert_allclose(scored.scores, expected, rtol=1e-6)
+    assert scored.best_step == int(np.argmax(expected))
+    assert len(scored.batch_stats) == T + 1
+    chex.assert_trees_all_close(seen_stats, scored.batch_stats)
+    chex.assert_trees_all_close(scored.batch_stats[2], batch_stats_fn(out.params[2]))
 
 
 def test_same_seed_is_deterministic(setup):
     spec, checkpoints, batches, _ = setup
     run = lambda: transfer.transfer_trajectory(  # noqa: E731
-        checkpoints, init_params(6), grad_fn, batches, spec, num_steps=T, seed=3
+        checkpoints,
+        init_params(6),
+        grad_fn,
+        batches,
+        spec,
+        num_steps=T,
+        matching=perm.MatchingOptions(seed=3),
     )
     a, b = run(), run()
     chex.assert_trees_all_equal(a.params, b.params)
