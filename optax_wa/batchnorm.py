@@ -8,6 +8,7 @@ them from a few batches as a cumulative average: each batch's statistics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,7 +45,10 @@ def recalibrate_batch_stats(
       batch_stats_fn: ``(params, batch) -> stats`` for one batch.
       params: the (averaged) model parameters.
       batches: an iterable of at least one batch.
-      weight_fn: optional ``batch -> weight`` (a positive number).
+      weight_fn: optional ``batch -> weight``, a positive finite number
+        (read on the host with ``float``); zero, negative, NaN or infinite
+        weights raise a ``ValueError``. Non-finite statistics returned by
+        ``batch_stats_fn`` are not checked: they propagate into the average.
       jit: whether to ``jax.jit`` ``batch_stats_fn``.
 
     Returns:
@@ -70,8 +74,10 @@ def recalibrate_batch_stats(
     total = 0.0
     for batch in batches:
         weight = 1.0 if weight_fn is None else float(weight_fn(batch))
-        if weight <= 0:
-            raise ValueError(f"weight_fn must return a positive weight, got {weight}.")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(
+                f"weight_fn must return a positive finite weight, got {weight}."
+            )
         stats = stats_fn(params, batch)
         total += weight
         if avg is None:

@@ -49,6 +49,21 @@ def test_empty_batches_and_bad_weights_raise():
         )
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_weight_raises(bad):
+    # A NaN weight passes `weight <= 0` and would make every statistic NaN.
+    with pytest.raises(ValueError, match="positive finite weight, got"):
+        optax_wa.recalibrate_batch_stats(
+            _stats_fn, None, _batches(2), weight_fn=lambda b: bad
+        )
+    # A bad weight on a later batch is caught too (before it is averaged in).
+    weights = iter([2.0, bad])
+    with pytest.raises(ValueError, match="positive finite weight"):
+        optax_wa.recalibrate_batch_stats(
+            _stats_fn, None, _batches(2), weight_fn=lambda b: next(weights)
+        )
+
+
 class _Net(nnx.Module):
     def __init__(self, rngs):
         self.lin = nnx.Linear(4, 6, rngs=rngs)

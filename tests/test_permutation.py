@@ -635,6 +635,75 @@ def test_matching_rejects_bad_max_sweeps():
         )
 
 
+@pytest.mark.parametrize("solver", ["scipy", "optax"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_weight_matching_rejects_nan_naming_the_argument(solver, side):
+    # The optax solver used to return a permutation with a NaN objective.
+    spec = PermutationSpec({"w": (None, "h"), "v": ("h",)})
+    rng = np.random.default_rng(0)
+    trees = {
+        k: {
+            "w": jnp.asarray(rng.normal(size=(2, 3))),
+            "v": jnp.asarray(rng.normal(size=3)),
+        }
+        for k in ("a", "b")
+    }
+    trees[side]["v"] = trees[side]["v"].at[1].set(jnp.nan)
+    with pytest.raises(ValueError, match=rf"^{side} has a non-finite value .* 'v'"):
+        perm.weight_matching(spec, trees["a"], trees["b"], solver=solver)
+
+
+def test_gradient_matching_rejects_inf_naming_the_pair():
+    spec = PermutationSpec({"w": ("h",)})
+    good, bad = {"w": jnp.arange(3.0)}, {"w": jnp.array([0.0, jnp.inf, 1.0])}
+    with pytest.raises(ValueError, match=r"pairs\[1\]\[1\] has a non-finite"):
+        perm.gradient_matching(spec, [(good, good), (good, bad)], solver="optax")
+
+
+def test_matching_under_jit_raises_type_error():
+    # Matching runs on the host; traced input is refused with a clear message.
+    spec = PermutationSpec({"w": ("h",)})
+    x = {"w": jnp.arange(3.0)}
+    with pytest.raises(TypeError, match="a is traced at leaf 'w'.*outside jax.jit"):
+        jax.jit(lambda a: perm.weight_matching(spec, a, x).objectives[-1])(x)
+
+
+def test_matching_options_checked_at_construction():
+    assert perm.MatchingOptions() == perm.MatchingOptions("scipy", 100, 0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        perm.MatchingOptions(solver="lap")
+    with pytest.raises(ValueError, match="max_sweeps must be an int >= 1"):
+        perm.MatchingOptions(max_sweeps=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            perm.MatchingOptions(seed=bad)
+
+
+def test_validate_checks_perms_against_the_tree():
+    spec = PermutationSpec({"a": ("h",), "b": ("k",)})
+    tree = {"a": jnp.zeros(3)}
+    assert perm.validate(spec, tree, {"h": jnp.array([2, 0, 1])}) == {"h": 3}
+    with pytest.raises(ValueError, match=r"perms\['h'\] is not a permutation"):
+        perm.validate(spec, tree, {"h": jnp.array([0, 0, 1])})
+    with pytest.raises(ValueError, match="no entry for group 'h'"):
+        perm.validate(spec, tree, {"k": jnp.arange(3)})
+
+
+def test_named_leaves_paths_match_spec_paths():
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+    )
+    state = nnx.state(model, nnx.Param)
+    names = perm.named_leaves(state)
+    assert list(names) == list(perm.named_leaves(state.to_pure_dict()))
+    assert set(names) == set(perm.mlp_spec(model).leaf_axes)
+    np.testing.assert_array_equal(
+        names["layers/0/kernel"], model.layers[0].kernel.value
+    )
+    with pytest.raises(ValueError, match="share the path 'a/b'"):
+        perm.named_leaves({"a/b": 1.0, "a": {"b": 2.0}})
+
+
 def test_matching_rejects_mismatched_trees():
     spec = PermutationSpec({"a": ("h",), "b": (None,)})
     with pytest.raises(ValueError, match="differs from the first tree"):

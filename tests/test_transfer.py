@@ -223,6 +223,17 @@ def test_evaluate_trajectory_batch_stats_and_best_step(setup):
     chex.assert_trees_all_close(scored.batch_stats[2], batch_stats_fn(out.params[2]))
 
 
+def test_evaluate_trajectory_skips_nan_scores():
+    steps = [0.0, 1.0, 2.0, 3.0]
+    table = {0.0: 0.5, 1.0: float("nan"), 2.0: 0.7, 3.0: 0.7}
+    scored = transfer.evaluate_trajectory(steps, lambda p: table[p])
+    assert scored.best_step == 2  # NaN never wins; first of the tied 0.7
+    assert scored.batch_stats is None
+    np.testing.assert_equal(scored.scores, [0.5, np.nan, 0.7, 0.7])
+    nan_only = transfer.evaluate_trajectory(steps, lambda p: float("nan"))
+    assert nan_only.best_step == 0
+
+
 def test_same_seed_is_deterministic(setup):
     spec, checkpoints, batches, _ = setup
     run = lambda: transfer.transfer_trajectory(  # noqa: E731
@@ -346,6 +357,14 @@ def test_rejects_gradient_method_without_grad_fn(setup):
     with pytest.raises(ValueError, match="method='fgmt' needs grad_fn and batches"):
         transfer.transfer_trajectory(
             checkpoints, checkpoints[0], None, None, spec, num_steps=T
+        )
+
+
+def test_rejects_matching_that_is_not_options(setup):
+    spec, checkpoints, batches, _ = setup
+    with pytest.raises(TypeError, match="matching must be a MatchingOptions"):
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], grad_fn, batches, spec, matching="optax"
         )
 
 
