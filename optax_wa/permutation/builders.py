@@ -176,6 +176,13 @@ class _Builder:
         last one of the chain, which writes ``out_group`` (``None``: the
         chain's outputs are not permuted). Norm layers take the current group.
         """
+        # Why this is a symmetry: a layer y = phi(x W + b) with its output
+        # units permuted by P computes y P when W -> W P and b -> b P (phi acts
+        # unit-wise, and so do norms, whose scale, bias, mean and var follow
+        # P); the next layer reads y P and gives the same output when its
+        # kernel's input axis is permuted too, P^T W' (rows). So each kernel
+        # carries (group it reads, group it writes) on its last two axes, and
+        # a conv kernel (..., in, out) the same on its channel axes.
         kinds = {p: _layer_kind(self.tree, p) for p in layers}
         kernels = [p for p in layers if kinds[p] in ("linear", "conv")]
         current, previous = in_group, "the input"
@@ -349,6 +356,10 @@ def resnet_spec(
     block, shortcut = _paths(block, "block"), _paths(shortcut, "shortcut")
     if not stem or not head:
         raise ValueError("resnet_spec: stem and head each need at least one layer.")
+    # A residual block adds its output to its input, x + f(x): permuting the
+    # sum by P needs x and f(x) permuted by the same P, so every block of a
+    # stream writes the stream's group. A projection shortcut reads the old
+    # stream and writes a new one (new width), which starts a new group.
     num_streams = 0
     stream = builder.chain(stem, None, "residual/0", what="resnet_spec stem")
     for k, stage in enumerate(stages):
