@@ -241,7 +241,10 @@ def report(root: str) -> None:
     funcs, facts, mods, private = measure(root)
     funcs.sort(key=lambda f: (-f.code_lines, f.module, f.name))
     longest = funcs[0]
-    print(f"code measures of {root}")
+    shown = (
+        os.path.relpath(root) if not os.path.relpath(root).startswith("..") else root
+    )
+    print(f"code measures of {shown}")
     print(
         f"\nlongest function: {longest.module}.{longest.name} "
         f"({longest.code_lines} code lines, complexity {longest.complexity})"
