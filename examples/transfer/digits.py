@@ -3,7 +3,7 @@
 Moves a source network's training onto a new initialization with no training
 of the target, comparing the permutation choices of
 :func:`optax_wa.transfer.transfer_trajectory` (FGMT, GMT, naive, oracle,
-init_matching) on an MLP 64-256-256-10 with T = 10 steps:
+init_matching) on an MLP 64-256-256-10 (``--width``) with T = 10 steps:
 
 (a) random init: the source is trained from scratch on all ten digits; the
     target is a second random init. Target: FGMT test accuracy >= 0.90.
@@ -26,6 +26,7 @@ accuracy against the transfer step t for each method) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -96,6 +97,13 @@ SIZES = (64, 256, 256, 10)
 GRAPHDEF = nnx.graphdef(MLP(SIZES, rngs=nnx.Rngs(0)))
 
 
+def set_width(width: int):
+    """Sets the hidden width of the MLP (before anything is traced)."""
+    global SIZES, GRAPHDEF
+    SIZES = (64, width, width, 10)
+    GRAPHDEF = nnx.graphdef(MLP(SIZES, rngs=nnx.Rngs(0)))
+
+
 def init_params(seed: int):
     """The ``nnx.Param`` leaves of a fresh MLP as a pure dict."""
     return nnx.state(MLP(SIZES, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
@@ -124,8 +132,9 @@ def accuracy(params, split) -> float:
     return float(_accuracy(params, *map(jnp.asarray, split)))
 
 
-def train(params, split, *, lr, epochs, batch_size, seed):
-    """SGD with momentum 0.9 and a constant learning rate; returns the final params."""
+@functools.cache
+def sgd_step(lr: float):
+    """The optimizer and its jitted step for one learning rate (compiled once)."""
     opt = optax.sgd(lr, momentum=0.9)
 
     @jax.jit
@@ -134,6 +143,12 @@ def train(params, split, *, lr, epochs, batch_size, seed):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    return opt, step
+
+
+def train(params, split, *, lr, epochs, batch_size, seed):
+    """SGD with momentum 0.9 and a constant learning rate; returns the final params."""
+    opt, step = sgd_step(lr)
     steps = epochs * max(1, len(split[1]) // batch_size)
     opt_state = opt.init(params)
     for batch in minibatches(split, batch_size, steps, seed):
@@ -307,17 +322,20 @@ def main(argv=None):
         help="minibatch of each gradient pair",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=256, help="hidden width")
     parser.add_argument("--only", choices=("a", "b"), default=None)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny settings (T = 2, one epoch, matching batches of 64): same tables",
+        help="tiny settings (width 32, T = 2, one epoch, matching batches of 64): "
+        "same tables",
     )
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.epochs, args.finetune_epochs = 2, 1, 1
-        args.match_batch_size = 64
+        args.match_batch_size, args.width = 64, 32
+    set_width(args.width)
 
     print(f"devices: {jax.devices()}, args: {vars(args)}")
     os.makedirs(args.out, exist_ok=True)
