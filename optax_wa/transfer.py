@@ -251,7 +251,7 @@ def _take_batches(batches, count):
 # --------------------------------------------------------------------------
 
 
-class _Problem(NamedTuple):
+class _Transfer(NamedTuple):
     """What every method sees: the source steps, the target init and options."""
 
     spec: PermutationSpec
@@ -284,38 +284,38 @@ class _Problem(NamedTuple):
         )
 
 
-def _fixed(problem: _Problem, perms, objectives) -> TransferResult:
+def _fixed(job: _Transfer, perms, objectives) -> TransferResult:
     """One permutation for every step."""
-    T = problem.num_steps
-    params = [problem.target_init]
-    params += [problem.transfer(t, perms) for t in range(1, T + 1)]
+    T = job.num_steps
+    params = [job.target_init]
+    params += [job.transfer(t, perms) for t in range(1, T + 1)]
     return TransferResult(params, [perms] * (T + 1), objectives, 0)
 
 
-def _naive(problem: _Problem) -> TransferResult:
-    return _fixed(problem, problem.identity(), [])
+def _naive(job: _Transfer) -> TransferResult:
+    return _fixed(job, job.identity(), [])
 
 
-def _init_matching(problem: _Problem) -> TransferResult:
-    result = problem.weight_matching(problem.target_init, problem.trajectory[0])
-    return _fixed(problem, result.perms, [result.objectives[-1]])
+def _init_matching(job: _Transfer) -> TransferResult:
+    result = job.weight_matching(job.target_init, job.trajectory[0])
+    return _fixed(job, result.perms, [result.objectives[-1]])
 
 
-def _oracle(problem: _Problem) -> TransferResult:
+def _oracle(job: _Transfer) -> TransferResult:
     """Aligns the two training displacements."""
-    if problem.target_trained is None:
+    if job.target_trained is None:
         raise ValueError("method='oracle' needs target_trained (the trained target).")
     _check_same_structure(
-        problem.ref_shapes, problem.target_trained, "target_trained", problem.spec
+        job.ref_shapes, job.target_trained, "target_trained", job.spec
     )
-    a = jax.tree.map(lambda x, y: x - y, problem.target_trained, problem.target_init)
-    traj = problem.trajectory
+    a = jax.tree.map(lambda x, y: x - y, job.target_trained, job.target_init)
+    traj = job.trajectory
     b = jax.tree.map(lambda x, y: x - y, traj[-1], traj[0])
-    result = problem.weight_matching(a, b)
-    return _fixed(problem, result.perms, [result.objectives[-1]])
+    result = job.weight_matching(a, b)
+    return _fixed(job, result.perms, [result.objectives[-1]])
 
 
-def _along_gradients(problem: _Problem, method: str, step_pairs) -> TransferResult:
+def _along_gradients(job: _Transfer, method: str, step_pairs) -> TransferResult:
     """The loop of FGMT and GMT: at step t, match the pairs ``step_pairs`` gives.
 
     ``step_pairs(t, grad_pair, params, perms)`` returns the gradient pairs of
@@ -323,23 +323,24 @@ def _along_gradients(problem: _Problem, method: str, step_pairs) -> TransferResu
     gradients on batch ``s``, on the host), the params so far and the
     current permutation (``None`` before the first matching).
     """
-    if problem.grad_fn is None or problem.batches is None:
+    if job.grad_fn is None or job.batches is None:
         raise ValueError(f"method={method!r} needs grad_fn and batches.")
-    batches = _take_batches(problem.batches, problem.num_steps)
+    batches = _take_batches(job.batches, job.num_steps)
     calls = []
 
     def grad_pair(target_params, s):
         calls.append(s)
-        g2 = problem.grad_fn(target_params, batches[s])
-        g1 = problem.grad_fn(problem.trajectory[s], batches[s])
+        g2 = job.grad_fn(target_params, batches[s])
+        g1 = job.grad_fn(job.trajectory[s], batches[s])
+        # (a, b) of gradient_matching: pi permutes the source side.
         return _on_host(g2), _on_host(g1)
 
-    m = problem.matching
+    m = job.matching
     perms = None  # the first matching warm-starts (see gradient_matching)
-    out = TransferResult([problem.target_init], [problem.identity()], [], 0)
-    for t in range(1, problem.num_steps + 1):
+    out = TransferResult([job.target_init], [job.identity()], [], 0)
+    for t in range(1, job.num_steps + 1):
         result = gradient_matching(
-            problem.spec,
+            job.spec,
             step_pairs(t, grad_pair, out.params, perms),
             solver=m.solver,
             max_sweeps=m.max_sweeps,
@@ -349,7 +350,7 @@ def _along_gradients(problem: _Problem, method: str, step_pairs) -> TransferResu
         perms = result.perms
         out.objectives.append(result.objectives[-1])
         out.perms.append(perms)
-        out.params.append(problem.transfer(t, perms))
+        out.params.append(job.transfer(t, perms))
     return out._replace(grad_calls=2 * len(calls))
 
 
@@ -357,7 +358,7 @@ def _on_host(tree):
     return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
 
 
-def _fgmt(problem: _Problem) -> TransferResult:
+def _fgmt(job: _Transfer) -> TransferResult:
     """One new pair per step, at the target's own previous step; all kept."""
     cache = []
 
@@ -365,17 +366,17 @@ def _fgmt(problem: _Problem) -> TransferResult:
         cache.append(grad_pair(params[t - 1], t - 1))
         return cache
 
-    return _along_gradients(problem, "fgmt", step_pairs)
+    return _along_gradients(job, "fgmt", step_pairs)
 
 
-def _gmt(problem: _Problem) -> TransferResult:
+def _gmt(job: _Transfer) -> TransferResult:
     """All pairs recomputed along the trajectory the current permutation gives."""
 
     def step_pairs(t, grad_pair, params, perms):
-        current = problem.identity() if perms is None else perms
-        return [grad_pair(problem.transfer(s, current), s) for s in range(t)]
+        current = job.identity() if perms is None else perms
+        return [grad_pair(job.transfer(s, current), s) for s in range(t)]
 
-    return _along_gradients(problem, "gmt", step_pairs)
+    return _along_gradients(job, "gmt", step_pairs)
 
 
 _METHODS = {
@@ -490,7 +491,7 @@ def transfer_trajectory(
     ref_shapes = _check_params_only(spec, target_init, "target_init")
     for k, tree in enumerate(source):
         _check_same_structure(ref_shapes, tree, f"source[{k}]", spec)
-    problem = _Problem(
+    job = _Transfer(
         spec=spec,
         sizes=validate(spec, target_init),
         trajectory=source_trajectory(source, num_steps, schedule),
@@ -501,7 +502,7 @@ def transfer_trajectory(
         ref_shapes=ref_shapes,
         matching=matching,
     )
-    return _METHODS[method](problem)
+    return _METHODS[method](job)
 
 
 def evaluate_trajectory(

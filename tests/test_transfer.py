@@ -368,6 +368,18 @@ def test_rejects_matching_that_is_not_options(setup):
         )
 
 
+def test_non_finite_gradients_raise_naming_the_pair(setup):
+    spec, checkpoints, batches, _ = setup
+
+    def nan_grad_fn(params, batch):
+        return jax.tree.map(lambda g: g.at[0].set(jnp.nan), grad_fn(params, batch))
+
+    with pytest.raises(ValueError, match=r"pairs\[0\]\[0\] has a non-finite value"):
+        transfer.transfer_trajectory(
+            checkpoints, checkpoints[0], nan_grad_fn, batches, spec, num_steps=T
+        )
+
+
 def test_rejects_mismatched_source(setup):
     spec, checkpoints, batches, _ = setup
     bad = {"layers": dict(checkpoints[1]["layers"])}
