@@ -47,3 +47,19 @@ def global_norm(leaves: Sequence[jax.Array]) -> jax.Array:
     norm = jnp.where(positive, safe_scale * root, 0.0)
     # An infinite element: the norm is infinite (never inf / inf = NaN).
     return jnp.where(jnp.isinf(scale), scale, norm)
+
+
+def safe_ratio(numerator, denominator):
+    r"""``numerator / denominator``, 0 where the denominator is 0.
+
+    Both are divided by :math:`c = |\text{denominator}|` (held constant under
+    differentiation) before the division, so that the derivative with respect
+    to the denominator, :math:`-n / d^2`, is formed from numbers near 1: a
+    plain division squares :math:`d` and loses the derivative (or makes it
+    ``inf``) once :math:`d` passes about 1e19 or falls below 1e-19.
+    ``numerator`` may be an array and ``denominator`` a scalar.
+    """
+    positive = denominator > 0
+    scale = jax.lax.stop_gradient(jnp.where(positive, denominator, 1.0))
+    ratio = (numerator / scale) / jnp.where(positive, denominator / scale, 1.0)
+    return jnp.where(positive, ratio, 0.0)

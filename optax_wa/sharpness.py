@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_wa._numerics import global_norm
+from optax_wa._numerics import global_norm, safe_ratio
 
 PyTree = Any
 
@@ -200,12 +200,6 @@ def _params_rewriting_state(state):
 # The shared ascent / descent step.
 
 
-def _safe_ratio(numerator, denominator):
-    """``numerator / denominator``, and 0 where the denominator is 0."""
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
-
-
 def _adaptive_flags(params, adaptive, adaptive_mask) -> list[bool]:
     """One static bool per params leaf: does ASAM scale this leaf by ``|w| + eta``."""
     num_leaves = len(jax.tree.leaves(params))
@@ -300,14 +294,13 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     weighted_grads = weighted(grad_leaves, scales)
     grad_norm = global_norm(weighted_grads)
     rho = jnp.maximum(jnp.asarray(rho, jnp.float32), 0.0)
+    # epsilon = rho T (T g) / (||T g|| + eps) (SAM) or rho T (T g) (USAM), in float32.
+    directions = weighted(weighted_grads, scales)
     if o.perturbation == "sam":
-        coef = _safe_ratio(rho, grad_norm + eps)
-    else:
-        coef = rho
-    # epsilon = coef * T^2 g = coef * T (T g), added to the params in float32.
+        directions = [safe_ratio(d, grad_norm + eps) for d in directions]
     adv_leaves = [
-        (p.astype(jnp.float32) + coef * (tg if t is None else t * tg)).astype(p.dtype)
-        for p, tg, t in zip(param_leaves, weighted_grads, scales)
+        (p.astype(jnp.float32) + rho * d).astype(p.dtype)
+        for p, d in zip(param_leaves, directions)
     ]
     adv_grads, adv_loss = adv_grad_fn(
         _as_varying(treedef.unflatten(adv_leaves), o.axis_name)
@@ -323,7 +316,7 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     # released code takes it before restoring w; or T at the clean params.
     adv_scales = weights(adv_leaves) if o.adv_norm_weight == "perturbed" else scales
     adv_grad_norm = global_norm(weighted(adv_grad_leaves, adv_scales))
-    gamma = _safe_ratio(grad_norm, adv_grad_norm + eps)
+    gamma = safe_ratio(grad_norm, adv_grad_norm + eps)
     if o.max_scale is not None:
         max_scale = jnp.maximum(jnp.asarray(o.max_scale, jnp.float32), 0.0)
         gamma = jnp.minimum(gamma, max_scale)

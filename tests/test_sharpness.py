@@ -713,3 +713,118 @@ def test_weight_decay_before_the_wrapper_only_tilts_the_ascent():
         for k, d in zip(("b", "v", "w"), expected):
             np.testing.assert_allclose(updates[k], -lr * d, rtol=1e-5, atol=1e-7)
     assert not np.allclose(wrong[2], right[2], rtol=1e-2)
+
+
+# ---------------------------------------------------------------- extreme scales
+
+_H4 = np.array([1.0, 10.0, 3.0, 0.5])
+_W4 = np.array([1.0, -0.75, 0.5, 2.0])  # exactly representable in bfloat16
+_SCALE_VARIANTS = {
+    "sam": {"perturbation": "sam"},
+    "asam": {"perturbation": "sam", "adaptive": True},
+    "ssam": {"perturbation": "sam", "stable": True},
+    "ssam_usam": {"perturbation": "usam", "stable": True},
+    "ssam_asam": {"perturbation": "sam", "adaptive": True, "stable": True},
+    "ssam_usam_adaptive": {"perturbation": "usam", "adaptive": True, "stable": True},
+}
+
+
+def _scaled_quadratic(scale):
+    h = jnp.asarray(_H4, jnp.float32)
+    return lambda w: scale * 0.5 * jnp.sum(h * w.astype(jnp.float32) ** 2)
+
+
+def _rho_for(options, scale, rho=0.05):
+    # USAM's perturbation rho T^2 g grows with the gradient: keep it O(rho).
+    return rho / scale if options["perturbation"] == "usam" else rho
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e19, 1e30])
+@pytest.mark.parametrize("variant", sorted(_SCALE_VARIANTS))
+def test_extreme_gradients_match_float64_reference(variant, scale, dtype):
+    # Gradients of about `scale` per element. A plain float32 sum of squares
+    # overflows from 1e19 on (gamma = inf / inf) and underflows at 1e-20.
+    options = _SCALE_VARIANTS[variant]
+    rho = _rho_for(options, scale)
+    to_dtype = lambda x: np.asarray(np.asarray(x, np.float64).astype(dtype), np.float64)
+    grad = lambda ws: [to_dtype(scale * _H4 * ws[0])]
+    ref, gamma, grad_norm, adv_norm = np_released_step(
+        grad,
+        [_W4],
+        rho,
+        options["perturbation"],
+        options.get("adaptive", False),
+        options.get("stable", False),
+        round_adv=to_dtype,
+    )
+    loss = _scaled_quadratic(scale)
+    w = jnp.asarray(_W4, dtype)
+    oracle_out = _oracle(loss, rho=rho, **options)(w)
+    opt = optax_wa.sharpness_aware(optax.sgd(1.0), rho=rho, **options)
+    updates, state = jax.jit(
+        lambda g, s, p: opt.update(g, s, p, grad_fn=jax.grad(loss))
+    )(jax.grad(loss)(w), opt.init(w), w)
+    rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+    # Below float32's smallest normal number the exact result is 0 (flushed).
+    atol = float(np.finfo(np.float32).tiny)
+    for descent, info in ((oracle_out[1], oracle_out[2]), (-updates, state.info)):
+        assert descent.dtype == dtype
+        chex.assert_tree_all_finite((descent, info.gamma, info.grad_norm))
+        got = np.asarray(descent, np.float64)
+        np.testing.assert_allclose(got, to_dtype(ref[0]), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(info.grad_norm, grad_norm, rtol=1e-5)
+        np.testing.assert_allclose(info.adv_grad_norm, adv_norm, rtol=1e-5)
+        np.testing.assert_allclose(info.gamma, gamma, rtol=1e-5)
+
+
+_GRAD_VARIANTS = {**_SCALE_VARIANTS, "usam": {"perturbation": "usam"}}
+
+
+def _descent_sum(variant, scale, rho=0.05, wrapper=False):
+    """w -> sum of the descent gradient (oracle) or of -update (wrapper)."""
+    options = _GRAD_VARIANTS[variant]
+    loss = _scaled_quadratic(scale)
+    if wrapper:
+        opt = optax_wa.sharpness_aware(optax.sgd(1.0), rho=rho, **options)
+        grad = jax.grad(loss)
+        return lambda w: -jnp.sum(opt.update(grad(w), opt.init(w), w, grad_fn=grad)[0])
+    oracle = optax_wa.sam_value_and_grad(loss, rho=rho, **options)
+    return lambda w: jnp.sum(oracle(w)[1])
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["oracle", "update"])
+@pytest.mark.parametrize("variant", sorted(_GRAD_VARIANTS))
+def test_jax_grad_at_zero_is_finite(variant, wrapper):
+    # At w = 0 every norm is 0; the derivative of sqrt there is inf, and
+    # inf * 0 would make the whole gradient NaN.
+    options, rho, eps = _GRAD_VARIANTS[variant], 0.05, 1e-12
+    got = jax.jit(jax.grad(_descent_sum(variant, 1.0, rho, wrapper)))(jnp.zeros(4))
+    chex.assert_tree_all_finite(got)
+    h = _H4
+    if options.get("stable"):
+        expected = 0.0 * h  # gamma = 0 and g_adv = 0 at w = 0
+    elif options.get("adaptive"):
+        expected = h  # T = |w| = 0: no perturbation to first order
+    elif options["perturbation"] == "usam":
+        expected = h + rho * h**2  # d = (H + rho H^2) w
+    else:
+        expected = h + rho * h**2 / eps  # the norm's derivative is 0 at 0
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["oracle", "update"])
+@pytest.mark.parametrize("scale", [1e-20, 1e19, 1e30])
+@pytest.mark.parametrize("variant", sorted(_GRAD_VARIANTS))
+def test_jax_grad_at_extreme_scales(variant, scale, wrapper):
+    # Away from eps's range (and with USAM's rho scaled by 1 / scale) the
+    # descent is homogeneous: d_{s L}(w) = s d_L(w), and so is its derivative.
+    options = _GRAD_VARIANTS[variant]
+    w = jnp.asarray(_W4, jnp.float32)
+    got = jax.jit(
+        jax.grad(_descent_sum(variant, scale, _rho_for(options, scale), wrapper))
+    )(w)
+    chex.assert_tree_all_finite(got)
+    if scale > 1.0:
+        unit = jax.jit(jax.grad(_descent_sum(variant, 1.0, 0.05, wrapper)))(w)
+        np.testing.assert_allclose(np.asarray(got) / scale, unit, rtol=1e-4)

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from optax_wa import members
-from optax_wa._numerics import global_norm
+from optax_wa._numerics import global_norm, safe_ratio
 from optax_wa.slimmable.layers import slim_size, validate_widths
 from optax_wa.slimmable.losses import l2_normalize
 
@@ -558,8 +558,7 @@ def slimmable_grad_stats(
             # Scaled norms: no overflow, underflow or NaN gradient at any scale.
             inside = global_norm([jnp.where(block, g, 0.0)])
             outside = global_norm([jnp.where(block, 0.0, g)])
-            safe = jnp.where(inside > 0, inside, 1.0)
-            ratios[name] = jnp.where(inside > 0, outside / safe, 0.0)
+            ratios[name] = safe_ratio(outside, inside)
         mean = (
             sum(ratios.values()) / len(ratios) if ratios else jnp.zeros([], jnp.float32)
         )
