@@ -346,8 +346,8 @@ def _loss_with_aux(loss_fn, has_aux):
         is_pair = isinstance(out, (tuple, list)) and len(out) == 2
         if has_aux and not is_pair:
             raise ValueError(
-                "has_aux=True: loss_fn must return a pair (loss, aux), got "
-                f"{type(out).__name__}; pass has_aux=False for a loss alone."
+                "has_aux=True: loss_fn must return a pair (loss, aux), got a "
+                "single value; pass has_aux=False for a loss alone."
             )
         if not has_aux and isinstance(out, (tuple, list)):
             raise ValueError(

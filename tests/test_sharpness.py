@@ -828,3 +828,122 @@ def test_jax_grad_at_extreme_scales(variant, scale, wrapper):
     if scale > 1.0:
         unit = jax.jit(jax.grad(_descent_sum(variant, 1.0, 0.05, wrapper)))(w)
         np.testing.assert_allclose(np.asarray(got) / scale, unit, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs",
+    [
+        (optax_wa.sharpness_aware, {"rho": 0.1}),
+        (optax_wa.ssam, {"rho": 0.1}),
+        (optax_wa.ssam, {"rho": 0.3, "adaptive": True, "max_scale": 1.0}),
+        (optax_wa.sharpness_aware, {"rho": optax.linear_schedule(0.0, 0.2, 2)}),
+    ],
+    ids=["sharpness_aware", "ssam", "ssam_asam_capped", "rho_schedule"],
+)
+def test_inject_hyperparams_under_jit_equals_plain(factory, kwargs):
+    # Every numeric default (eps, adaptive_eta) is injected too and arrives
+    # traced under jit; the results equal the plain factory's.
+    grad = _nonlinear_grad
+    injected = optax.inject_hyperparams(factory)(optax.sgd(0.1, momentum=0.9), **kwargs)
+    plain = factory(optax.sgd(0.1, momentum=0.9), **kwargs)
+    params = ref_params = _random_tree(6)
+    state, ref_state = injected.init(params), plain.init(ref_params)
+    assert {"rho", "eps", "adaptive_eta"} <= set(state.hyperparams)
+    update = jax.jit(lambda g, s, p: injected.update(g, s, p, grad_fn=grad))
+    for _ in range(3):
+        updates, state = update(grad(params), state, params)
+        ref_updates, ref_state = plain.update(
+            grad(ref_params), ref_state, ref_params, grad_fn=grad
+        )
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
+        params = optax.apply_updates(params, updates)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+
+
+def test_injected_out_of_range_values_are_clipped_at_zero():
+    # Runtime values cannot be checked statically: rho, eps, adaptive_eta < 0
+    # act as 0 (documented), never as a reversed ascent or a NaN.
+    grad = _nonlinear_grad
+    params = _random_tree(7)
+    opt = optax.inject_hyperparams(optax_wa.ssam)(optax.sgd(0.1), rho=0.2)
+    state = opt.init(params)
+    state.hyperparams.update(rho=jnp.asarray(-0.2), eps=jnp.asarray(-1.0))
+    got, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, grad_fn=grad))(
+        grad(params), state, params
+    )
+    # rho = 0: g_adv = g, gamma = 1 (eps = 0): the plain SGD update.
+    expected = jax.tree.map(lambda g: -0.1 * g, grad(params))
+    chex.assert_trees_all_close(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stable": "no"},
+        {"adaptive": 1},
+        {"sync_ascent": "yes", "axis_name": "data"},
+        {"has_aux": None},
+        {"record_info": "false"},
+    ],
+    ids=["stable", "adaptive", "sync_ascent", "has_aux", "record_info"],
+)
+def test_non_bool_flags_raise(kwargs):
+    (name,) = [k for k in kwargs if k != "axis_name"]
+    with pytest.raises(TypeError, match=name):
+        optax_wa.sharpness_aware(optax.sgd(0.1), **kwargs)
+
+
+def test_bad_adv_norm_weight_raises():
+    with pytest.raises(ValueError, match="adv_norm_weight"):
+        optax_wa.ssam(optax.sgd(0.1), adaptive=True, adv_norm_weight="paper")
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1])
+def test_complex_params_are_rejected(rho):
+    # The float32 accumulation would drop the imaginary part: with rho = 0 the
+    # descent would be [2, -2] instead of the gradient [2 - 4j, -2 - 1j].
+    loss = lambda w: jnp.sum(jnp.abs(w) ** 2)
+    w = jnp.array([1.0 + 2.0j, -1.0 + 0.5j], jnp.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        optax_wa.sam_value_and_grad(loss, rho=rho)(w)
+    opt = optax_wa.ssam(optax.sgd(0.1), rho=rho)
+    with pytest.raises(TypeError, match="complex"):
+        opt.update(jax.grad(loss)(w), opt.init(w), w, grad_fn=jax.grad(loss))
+
+
+def test_integer_params_are_rejected():
+    opt = optax_wa.sharpness_aware(optax.sgd(0.1))
+    w = jnp.array([1, 2])
+    with pytest.raises(TypeError, match="floating"):
+        opt.update(jnp.ones(2), opt.init(w), w, grad_fn=lambda p: jnp.ones(2))
+
+
+def test_has_aux_mismatch_in_the_oracle_raises():
+    w = jnp.array([1.0, 2.0])
+    with pytest.raises(ValueError, match="has_aux=True"):
+        optax_wa.sam_value_and_grad(lambda p: (jnp.sum(p**2), {"n": 1}))(w)
+    with pytest.raises(ValueError, match="has_aux=True"):
+        optax_wa.sam_value_and_grad(lambda p: jnp.sum(p**2), has_aux=True)(w)
+
+
+def test_has_aux_mismatch_in_the_wrapper_raises():
+    params = _random_tree(0)
+    grad = _nonlinear_grad
+    plain = optax_wa.ssam(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="has_aux=True"):
+        plain.update(
+            grad(params), plain.init(params), params, grad_fn=lambda p: (grad(p), 1.0)
+        )
+    with_aux = optax_wa.ssam(optax.sgd(0.1), has_aux=True)
+    with pytest.raises(ValueError, match="has_aux=True"):
+        with_aux.update(grad(params), with_aux.init(params), params, grad_fn=grad)
+    # A 2-tuple of params is not mistaken for (grads, aux).
+    pair = (jnp.array([0.5, -1.0]), jnp.array([2.0]))
+    pair_grad = jax.grad(lambda p: _nonlinear_loss(list(p)))
+    updates, _ = plain.update(
+        pair_grad(pair), plain.init(pair), pair, grad_fn=pair_grad
+    )
+    assert jax.tree.structure(updates) == jax.tree.structure(pair)
