@@ -31,7 +31,8 @@ def global_norm(leaves: Sequence[jax.Array]) -> jax.Array:
 
     Safe at 0 (value and gradient 0), finite for every finite input whose
     norm fits float32, ``inf`` when an input is infinite, NaN only when an
-    input is NaN.
+    input is NaN. It reads the data twice (the maximum, then the scaled sum
+    of squares): one more pass than the plain form.
     """
     leaves = [jnp.asarray(x).astype(jnp.float32) for x in leaves if jnp.size(x)]
     if not leaves:
