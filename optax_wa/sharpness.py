@@ -76,7 +76,6 @@ class SharpnessAwareState(NamedTuple):
 # Validation of the static options.
 
 _ADV_NORM_WEIGHTS = ("perturbed", "clean")
-_BOOL_OPTIONS = ("adaptive", "stable", "has_aux", "sync_ascent", "record_info")
 # Modules whose transformations rewrite params (averaging, shuffling members):
 # they must wrap a sharpness-aware optimizer, never sit inside one.
 _PARAMS_REWRITING_MODULES = ("optax_wa.averaging", "optax_wa.shuffling")
