@@ -18,7 +18,8 @@ and minimum over ``--rounds`` rounds are reported, with XLA's cost analysis
 Two gradient evaluations are the floor of a SAM step, so the target of
 SAM / SGD is <= 2.1; the target of ours / optax is <= 1.0.
 
-Run: ``python benchmarks/sharpness_speed.py`` (under a minute on a 2-core CPU).
+Run: ``python benchmarks/sharpness_speed.py`` (under a minute on a 2-core CPU);
+``--smoke`` for a few-second run with tiny settings (same table).
 """
 
 from __future__ import annotations
@@ -108,7 +109,15 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny settings (2 rounds x 2 steps, width 32, batch 16): checks the "
+        "script runs and prints its table, in a few seconds",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.width, args.batch = 2, 2, 32, 16
 
     sizes = [40, args.width, args.width, 10]
     key = jax.random.key(0)

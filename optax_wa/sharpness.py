@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_wa._numerics import global_norm, safe_ratio
+
 PyTree = Any
 
 _PERTURBATIONS = ("sam", "usam")
@@ -32,8 +34,9 @@ class SamInfo(NamedTuple):
     """Diagnostics of one sharpness-aware gradient evaluation.
 
     All fields are float32 scalars (per member when vmapped over an ensemble).
-    With ``adaptive=True`` the two norms are the :math:`T_w`-weighted norms
-    :math:`\\|T_w g\\|` and :math:`\\|T_w g_{adv}\\|`. In data-parallel use with
+    With ``adaptive=True`` the two norms are the weighted norms
+    :math:`\\|T g\\|` and :math:`\\|T' g_{adv}\\|` (see
+    :func:`sam_value_and_grad`). In data-parallel use with
     per-device ascent (``axis_name`` set, ``sync_ascent=False``) every field
     is the mean over devices of the per-device values.
 
@@ -72,22 +75,50 @@ class SharpnessAwareState(NamedTuple):
 # ----------------------------------------------------------------------------
 # Validation of the static options.
 
+_ADV_NORM_WEIGHTS = ("perturbed", "clean")
+# Modules whose transformations rewrite params (averaging, shuffling members):
+# they must wrap a sharpness-aware optimizer, never sit inside one.
+_PARAMS_REWRITING_MODULES = ("optax_wa.averaging", "optax_wa.shuffling")
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
 
 def _is_concrete_number(x) -> bool:
-    if isinstance(x, bool):
+    if isinstance(x, (bool, np.bool_)):
         return False
     if isinstance(x, (int, float, np.number)):
         return True
-    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+    return isinstance(x, (np.ndarray, jax.Array)) and not _is_traced(x)
 
 
-def _check_nonnegative(name: str, value, allow_schedule: bool = False) -> None:
+def _check_hyperparameter(name: str, value, *, positive=False, allow_schedule=False):
+    """A number (or scalar array) >= 0 (> 0 with ``positive``); a traced one passes.
+
+    Traced values (``optax.inject_hyperparams`` under ``jit``) cannot be checked
+    here; ``_sharpness_step`` clips them into the valid range instead.
+    """
     if allow_schedule and callable(value):
         return
-    if _is_concrete_number(value):
-        array = np.asarray(value)
-        if array.ndim != 0 or not np.isfinite(array) or float(array) < 0.0:
-            raise ValueError(f"{name} must be a finite scalar >= 0, got {value!r}.")
+    if _is_traced(value):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+        return
+    bound = "> 0" if positive else ">= 0"
+    if not _is_concrete_number(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    array = np.asarray(value)
+    ok = array.ndim == 0 and np.isfinite(array)
+    ok = ok and (float(array) > 0.0 if positive else float(array) >= 0.0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite scalar {bound}, got {value!r}.")
+
+
+def _check_bools(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {value!r}.")
 
 
 class _Options(NamedTuple):
@@ -97,6 +128,7 @@ class _Options(NamedTuple):
     adaptive: bool
     adaptive_eta: float
     adaptive_mask: Any
+    adv_norm_weight: str
     stable: bool
     max_scale: float | None
     eps: float
@@ -105,23 +137,25 @@ class _Options(NamedTuple):
 
 
 def _make_options(*, rho, rho_may_be_schedule, **options) -> _Options:
-    """Validates ``rho`` and the static options; raises ``ValueError`` naming one."""
+    """Validates ``rho`` and the static options; raises naming the argument."""
     o = _Options(**options)
-    _check_nonnegative("rho", rho, allow_schedule=rho_may_be_schedule)
+    _check_bools(adaptive=o.adaptive, stable=o.stable, sync_ascent=o.sync_ascent)
+    _check_hyperparameter("rho", rho, allow_schedule=rho_may_be_schedule)
     if o.perturbation not in _PERTURBATIONS:
         raise ValueError(
             f"perturbation must be one of {_PERTURBATIONS}, got {o.perturbation!r}."
         )
-    _check_nonnegative("adaptive_eta", o.adaptive_eta)
+    if o.adv_norm_weight not in _ADV_NORM_WEIGHTS:
+        raise ValueError(
+            f"adv_norm_weight must be one of {_ADV_NORM_WEIGHTS}, "
+            f"got {o.adv_norm_weight!r}."
+        )
+    _check_hyperparameter("adaptive_eta", o.adaptive_eta)
     if o.adaptive_mask is not None and not o.adaptive:
         raise ValueError("adaptive_mask is only used with adaptive=True (ASAM).")
     if o.max_scale is not None:
-        if not _is_concrete_number(o.max_scale) or not float(o.max_scale) > 0.0:
-            raise ValueError(
-                f"max_scale must be None or a number > 0, got {o.max_scale!r}."
-            )
-    if not _is_concrete_number(o.eps) or not float(o.eps) >= 0.0:
-        raise ValueError(f"eps must be a number >= 0, got {o.eps!r}.")
+        _check_hyperparameter("max_scale", o.max_scale, positive=True)
+    _check_hyperparameter("eps", o.eps)
     if o.sync_ascent and o.axis_name is None:
         raise ValueError(
             "sync_ascent=True averages the ascent gradient over a data-parallel "
@@ -130,22 +164,39 @@ def _make_options(*, rho, rho_may_be_schedule, **options) -> _Options:
     return o
 
 
+def _check_real_floating(name: str, leaves) -> None:
+    """Raises ``TypeError`` unless every leaf has a real floating dtype."""
+    for x in leaves:
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{name} has a complex leaf ({dtype}): sharpness-aware methods "
+                "support real floating params only. Optimize the real and "
+                "imaginary parts as two real params (e.g. with "
+                "optax.contrib.split_real_and_imaginary around the optimizer)."
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} has a leaf of dtype {dtype}: sharpness-aware methods "
+                "need real floating params."
+            )
+
+
+def _params_rewriting_state(state):
+    """The name of a params-rewriting method's state inside ``state``, or None."""
+    if type(state).__module__ in _PARAMS_REWRITING_MODULES:
+        return type(state).__name__
+    children = state.values() if isinstance(state, dict) else state
+    if isinstance(state, (tuple, list, dict)):
+        for child in children:
+            found = _params_rewriting_state(child)
+            if found is not None:
+                return found
+    return None
+
+
 # ----------------------------------------------------------------------------
 # The shared ascent / descent step.
-
-
-def _global_norm(leaves) -> jax.Array:
-    """Global L2 norm of a list of arrays, accumulated in float32."""
-    total = jnp.zeros([], jnp.float32)
-    for x in leaves:
-        total = total + jnp.sum(jnp.square(x.astype(jnp.float32)))
-    return jnp.sqrt(total)
-
-
-def _safe_ratio(numerator, denominator):
-    """``numerator / denominator``, and 0 where the denominator is 0."""
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
 def _adaptive_flags(params, adaptive, adaptive_mask) -> list[bool]:
@@ -208,67 +259,74 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
 
     ``adv_grad_fn(adv_params) -> (adv_grads, adv_loss_or_None)`` evaluates the
     local gradient at the perturbed params. Returns ``(descent, info)``.
-    """
-    (
-        perturbation,
-        adaptive,
-        adaptive_eta,
-        adaptive_mask,
-        stable,
-        max_scale,
-        eps,
-        axis_name,
-        sync_ascent,
-    ) = options
-    param_leaves, treedef = jax.tree.flatten(params)
-    grad_dtypes = [g.dtype for g in treedef.flatten_up_to(grads)]
-    # Everything below is float32; the result is cast back to the grads' dtypes.
-    grad_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(grads)]
-    if axis_name is not None and sync_ascent:
-        grad_leaves = jax.lax.pmean(grad_leaves, axis_name)
-    flags = _adaptive_flags(params, adaptive, adaptive_mask)
-    eta = jnp.asarray(adaptive_eta, jnp.float32)
-    # T_w per leaf, or None where T_w = 1.
-    scales = [
-        jnp.abs(p.astype(jnp.float32)) + eta if flag else None
-        for p, flag in zip(param_leaves, flags)
-    ]
 
-    def weighted(leaves):
+    Hyperparameters that arrive traced (``optax.inject_hyperparams`` under
+    ``jit``) cannot be checked statically: ``rho``, ``eps``, ``adaptive_eta``
+    and ``max_scale`` are clipped at 0 here, which leaves checked values as
+    they are.
+    """
+    o = options
+    param_leaves, treedef = jax.tree.flatten(params)
+    _check_real_floating("params", param_leaves)
+    raw_grads = treedef.flatten_up_to(grads)
+    _check_real_floating("grads", raw_grads)
+    grad_dtypes = [g.dtype for g in raw_grads]
+    # Everything below is float32; the result is cast back to the grads' dtypes.
+    grad_leaves = [g.astype(jnp.float32) for g in raw_grads]
+    if o.axis_name is not None and o.sync_ascent:
+        grad_leaves = jax.lax.pmean(grad_leaves, o.axis_name)
+    flags = _adaptive_flags(params, o.adaptive, o.adaptive_mask)
+    eta = jnp.maximum(jnp.asarray(o.adaptive_eta, jnp.float32), 0.0)
+    eps = jnp.maximum(jnp.asarray(o.eps, jnp.float32), 0.0)
+
+    def weights(leaves):
+        """T = |w| + eta per adaptive leaf, None where T = 1."""
+        return [
+            jnp.abs(p.astype(jnp.float32)) + eta if flag else None
+            for p, flag in zip(leaves, flags)
+        ]
+
+    def weighted(leaves, scales):
         return [g if t is None else t * g for g, t in zip(leaves, scales)]
 
-    weighted_grads = weighted(grad_leaves)
-    grad_norm = _global_norm(weighted_grads)
-    rho = jnp.asarray(rho, jnp.float32)
-    if perturbation == "sam":
-        coef = _safe_ratio(rho, grad_norm + eps)
-    else:
-        coef = rho
-    # epsilon = coef * T_w^2 g = coef * T_w (T_w g), added to the params in float32.
+    scales = weights(param_leaves)
+    weighted_grads = weighted(grad_leaves, scales)
+    grad_norm = global_norm(weighted_grads)
+    rho = jnp.maximum(jnp.asarray(rho, jnp.float32), 0.0)
+    # epsilon = rho T (T g) / (||T g|| + eps) (SAM) or rho T (T g) (USAM), in float32.
+    directions = weighted(weighted_grads, scales)
+    if o.perturbation == "sam":
+        directions = [safe_ratio(d, grad_norm + eps) for d in directions]
     adv_leaves = [
-        (p.astype(jnp.float32) + coef * (tg if t is None else t * tg)).astype(p.dtype)
-        for p, tg, t in zip(param_leaves, weighted_grads, scales)
+        (p.astype(jnp.float32) + rho * d).astype(p.dtype)
+        for p, d in zip(param_leaves, directions)
     ]
     adv_grads, adv_loss = adv_grad_fn(
-        _as_varying(treedef.unflatten(adv_leaves), axis_name)
+        _as_varying(treedef.unflatten(adv_leaves), o.axis_name)
     )
     adv_grad_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(adv_grads)]
     if adv_loss is not None:
         adv_loss = jnp.asarray(adv_loss, jnp.float32)
-    if axis_name is not None and sync_ascent:
+    if o.axis_name is not None and o.sync_ascent:
         adv_grad_leaves, adv_loss = jax.lax.pmean(
-            (adv_grad_leaves, adv_loss), axis_name
+            (adv_grad_leaves, adv_loss), o.axis_name
         )
-    adv_grad_norm = _global_norm(weighted(adv_grad_leaves))
-    gamma = _safe_ratio(grad_norm, adv_grad_norm + eps)
-    if max_scale is not None:
-        gamma = jnp.minimum(gamma, jnp.asarray(max_scale, jnp.float32))
-    descent_leaves = [gamma * g for g in adv_grad_leaves] if stable else adv_grad_leaves
+    # ASAM's second norm: T' = |w + e| (+ eta) at the perturbed params, as the
+    # released code takes it before restoring w; or T at the clean params.
+    adv_scales = weights(adv_leaves) if o.adv_norm_weight == "perturbed" else scales
+    adv_grad_norm = global_norm(weighted(adv_grad_leaves, adv_scales))
+    gamma = safe_ratio(grad_norm, adv_grad_norm + eps)
+    if o.max_scale is not None:
+        max_scale = jnp.maximum(jnp.asarray(o.max_scale, jnp.float32), 0.0)
+        gamma = jnp.minimum(gamma, max_scale)
+    descent_leaves = (
+        [gamma * g for g in adv_grad_leaves] if o.stable else adv_grad_leaves
+    )
     info = SamInfo(
         gamma=gamma, grad_norm=grad_norm, adv_grad_norm=adv_grad_norm, adv_loss=adv_loss
     )
-    if axis_name is not None and not sync_ascent:
-        descent_leaves, info = jax.lax.pmean((descent_leaves, info), axis_name)
+    if o.axis_name is not None and not o.sync_ascent:
+        descent_leaves, info = jax.lax.pmean((descent_leaves, info), o.axis_name)
     descent = treedef.unflatten(
         [d.astype(dtype) for d, dtype in zip(descent_leaves, grad_dtypes)]
     )
@@ -279,14 +337,60 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
 # Public API.
 
 
+def _loss_with_aux(loss_fn, has_aux):
+    """``loss_fn`` as ``(loss, aux)``; a clear error when ``has_aux`` is wrong."""
+
+    def wrapped(*args):
+        out = loss_fn(*args)
+        is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+        if has_aux and not is_pair:
+            raise ValueError(
+                "has_aux=True: loss_fn must return a pair (loss, aux), got a "
+                "single value; pass has_aux=False for a loss alone."
+            )
+        if not has_aux and isinstance(out, (tuple, list)):
+            raise ValueError(
+                f"loss_fn returned a {type(out).__name__} of {len(out)}: pass "
+                "has_aux=True when it returns (loss, aux)."
+            )
+        return tuple(out) if has_aux else (out, None)
+
+    return wrapped
+
+
+def _grads_from_grad_fn(out, params, has_aux):
+    """The gradient in ``grad_fn``'s output; a clear error when ``has_aux`` is wrong."""
+    expected = jax.tree.structure(params)
+    is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+    if has_aux:
+        if is_pair and jax.tree.structure(out[0]) == expected:
+            return out[0]
+        raise ValueError(
+            "has_aux=True: grad_fn must return (grads, aux) with grads shaped "
+            f"like params ({expected}); got {jax.tree.structure(out)}."
+        )
+    if jax.tree.structure(out) == expected:
+        return out
+    hint = (
+        " It looks like (grads, aux): pass has_aux=True."
+        if is_pair and jax.tree.structure(out[0]) == expected
+        else ""
+    )
+    raise ValueError(
+        f"grad_fn must return grads shaped like params ({expected}); got "
+        f"{jax.tree.structure(out)}.{hint}"
+    )
+
+
 def sam_value_and_grad(
     loss_fn: Callable[..., Any],
     *,
     rho: float | jax.Array = 0.05,
     perturbation: str = "sam",
     adaptive: bool = False,
-    adaptive_eta: float = 0.01,
+    adaptive_eta: float = 0.0,
     adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    adv_norm_weight: str = "perturbed",
     stable: bool = False,
     max_scale: float | None = None,
     eps: float = 1e-12,
@@ -300,10 +404,10 @@ def sam_value_and_grad(
 
     .. math::
       \epsilon = \begin{cases}
-        \rho\, T_w^2 g \,/\, (\|T_w g\| + \text{eps}) & \text{SAM / ASAM} \\
-        \rho\, T_w^2 g & \text{USAM}
+        \rho\, T^2 g \,/\, (\|T g\| + \text{eps}) & \text{SAM / ASAM} \\
+        \rho\, T^2 g & \text{USAM}
       \end{cases}
-      \qquad T_w = \begin{cases} |w| + \eta & \text{ASAM} \\ 1 & \text{otherwise,}
+      \qquad T = \begin{cases} |w| + \eta & \text{ASAM} \\ 1 & \text{otherwise,}
       \end{cases}
 
     then :math:`g_{adv} = \nabla L(w + \epsilon)` on the same minibatch and the
@@ -311,14 +415,27 @@ def sam_value_and_grad(
 
     .. math::
       d = \begin{cases} \gamma\, g_{adv}, \quad
-        \gamma = \|T_w g\| \,/\, (\|T_w g_{adv}\| + \text{eps}) & \text{Stable SAM} \\
-        g_{adv} & \text{otherwise.} \end{cases}
+        \gamma = \|T g\| \,/\, (\|T' g_{adv}\| + \text{eps}) & \text{Stable SAM} \\
+        g_{adv} & \text{otherwise,} \end{cases}
+      \qquad T' = \begin{cases} |w + \epsilon| + \eta &
+        \text{ASAM, } \texttt{adv\_norm\_weight="perturbed"} \\
+        T & \text{otherwise.} \end{cases}
 
-    Stable SAM (``stable=True``) therefore gives a descent gradient whose norm
-    equals the ascent gradient's. Norms are global over all leaves of
-    ``params`` and accumulated in float32; under :func:`jax.vmap` over an
-    ensemble they are per member. All divisions are safe at zero: a zero
-    gradient gives a zero perturbation, :math:`\gamma = 0` and a zero descent.
+    This is the released Stable SAM code (``sam.py``, ``usam.py``): ASAM's
+    :math:`T = |w|` (:math:`\eta = 0`) on every parameter, biases included,
+    and the second norm weighted at the perturbed params, where the released
+    code takes it before restoring :math:`w`. ``adaptive_eta=0.01`` is the
+    ASAM paper's :math:`\eta`; ``adv_norm_weight="clean"`` weights both norms
+    by :math:`T`, so that Stable ASAM keeps :math:`\|T d\| = \|T g\|`. Without
+    ``adaptive``, :math:`T = T' = 1` and Stable SAM gives a descent gradient
+    whose norm equals the ascent gradient's.
+
+    Norms are global over all leaves of ``params``, computed in float32 with a
+    scale (:math:`\|x\| = s\,\|x / s\|`, :math:`s = \max |x|`), so they
+    neither overflow nor underflow for any finite gradient, and their
+    derivative is finite at zero. Under :func:`jax.vmap` over an ensemble they
+    are per member. All divisions are safe at zero: a zero gradient gives a
+    zero perturbation, :math:`\gamma = 0` and a zero descent.
 
     Both passes see the same ``*args`` (same batch, same RNG key). The loss
     and ``aux`` (e.g. BatchNorm statistics, metrics) come from the clean pass;
@@ -330,35 +447,50 @@ def sam_value_and_grad(
     * ``sync_ascent=False`` (default, "m-sharpness"): each device perturbs with
       its own shard's gradient, computes its own :math:`g_{adv}` and, for
       Stable SAM, its own :math:`\gamma`; the descent gradient is the mean over
-      devices of the per-device descent gradients.
+      devices of the per-device descent gradients. SAM's authors found the
+      per-shard ascent generalizes better and it needs no communication
+      before the second pass.
     * ``sync_ascent=True``: :math:`g` and :math:`g_{adv}` are averaged over
       devices before use, so :math:`\epsilon`, :math:`\gamma` and the result
-      equal single-device full-batch SAM.
+      equal single-device full-batch SAM. This reproduces the released Stable
+      SAM code under PyTorch DDP, whose every backward pass averages the
+      gradients over devices.
 
     In both cases the returned gradient and loss are averaged over the axis
     (identical on every device); ``aux`` is the device's own. ``info`` is the
     mean over devices of the per-device diagnostics (identical to the global
     ones with ``sync_ascent=True``).
 
+    Weight decay belongs to the optimizer that receives the descent gradient
+    (the released code's torch SGD), never to the loss's gradient before the
+    ascent.
+
     Args:
       loss_fn: ``loss_fn(params, *args) -> loss`` (or ``(loss, aux)`` with
-        ``has_aux=True``); differentiated with respect to ``params``.
+        ``has_aux=True``); differentiated with respect to ``params``, which
+        must be real floating (complex params raise ``TypeError``).
       rho: the perturbation radius :math:`\rho \ge 0` (a float or a scalar
-        array, e.g. a traced schedule value).
+        array, e.g. a traced schedule value; a traced value is clipped at 0).
       perturbation: ``"sam"`` (normalized ascent, Foret et al.) or ``"usam"``
-        (unnormalized, :math:`\epsilon = \rho g`).
-      adaptive: ASAM: scale the ascent by :math:`T_w = |w| + \eta`.
-      adaptive_eta: :math:`\eta \ge 0` of ASAM.
+        (unnormalized, :math:`\epsilon = \rho T^2 g`).
+      adaptive: ASAM: scale the ascent by :math:`T = |w| + \eta`.
+      adaptive_eta: :math:`\eta \ge 0` of ASAM; default 0 as released.
       adaptive_mask: ASAM only. A pytree of bools with the structure of params
         (or a prefix of it), or a callable ``params -> mask``, selecting the
-        leaves scaled by :math:`T_w`; unselected leaves (e.g. biases and norm
-        parameters) get :math:`T_w = 1` and are still perturbed and counted in
-        the norms. Default ``None``: every leaf is adaptive.
+        leaves scaled by :math:`T`; unselected leaves get :math:`T = 1` and
+        are still perturbed and counted in the norms. Default ``None``: every
+        leaf is adaptive, as released.
+      adv_norm_weight: ASAM only: the weight of :math:`g_{adv}` in the norm of
+        :math:`\gamma`: ``"perturbed"`` (default, released) uses
+        :math:`|w + \epsilon| + \eta`, ``"clean"`` uses :math:`T`.
       stable: Stable SAM: rescale the descent gradient by :math:`\gamma`.
       max_scale: optional cap on :math:`\gamma` (``1.0`` gives
-        :math:`\min(1, \gamma)`); ``None`` for no cap.
-      eps: added to the norms in the denominators, ``>= 0``.
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+        :math:`\min(1, \gamma)`, commented out in the released code); ``None``
+        for no cap.
+      eps: added to the norms in the denominators, ``>= 0`` (1e-12 as
+        released).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; a mismatch raises
+        ``ValueError``.
       axis_name: the data-parallel axis name, or ``None`` on one device.
       sync_ascent: with ``axis_name``, use the all-device gradient for the
         ascent (see above).
@@ -368,6 +500,10 @@ def sam_value_and_grad(
       loss, the clean pass's ``aux`` (``None`` without ``has_aux``), the
       descent gradient (same structure and dtypes as ``params``' gradient) and
       a :class:`SamInfo`.
+
+    Raises:
+      ValueError: for a bad hyperparameter (naming it); TypeError: for a
+        non-bool flag, and, at the first call, for complex or integer params.
 
     Examples:
       >>> import jax.numpy as jnp, optax_wa
@@ -388,6 +524,7 @@ def sam_value_and_grad(
       Tan et al., `Stabilizing Sharpness-Aware Minimization Through A Simple
       Renormalization Strategy <https://arxiv.org/abs/2401.07250>`_, JMLR 2025.
     """
+    _check_bools(has_aux=has_aux)
     options = _make_options(
         rho=rho,
         rho_may_be_schedule=False,
@@ -395,6 +532,7 @@ def sam_value_and_grad(
         adaptive=adaptive,
         adaptive_eta=adaptive_eta,
         adaptive_mask=adaptive_mask,
+        adv_norm_weight=adv_norm_weight,
         stable=stable,
         max_scale=max_scale,
         eps=eps,
@@ -406,14 +544,10 @@ def sam_value_and_grad(
             "rho of sam_value_and_grad must be a number or scalar array; evaluate "
             "a schedule yourself or use sharpness_aware, which accepts one."
         )
-    if has_aux:
-        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    else:
-        value_and_grad = jax.value_and_grad(
-            lambda *a: (loss_fn(*a), None), has_aux=True
-        )
+    value_and_grad = jax.value_and_grad(_loss_with_aux(loss_fn, has_aux), has_aux=True)
 
     def oracle(params, *args):
+        _check_real_floating("params", jax.tree.leaves(params))
         (loss, aux), grads = value_and_grad(_as_varying(params, axis_name), *args)
 
         def adv_grad_fn(adv_params):
@@ -434,8 +568,9 @@ def sharpness_aware(
     rho: optax.ScalarOrSchedule = 0.05,
     perturbation: str = "sam",
     adaptive: bool = False,
-    adaptive_eta: float = 0.01,
+    adaptive_eta: float = 0.0,
     adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    adv_norm_weight: str = "perturbed",
     stable: bool = False,
     max_scale: float | None = None,
     eps: float = 1e-12,
@@ -452,41 +587,67 @@ def sharpness_aware(
     params and gives the descent gradient to ``inner`` at the clean params:
 
     .. math::
-      \epsilon = \rho_t\, T_w^2 g / (\|T_w g\| + \text{eps}) \ \text{(SAM; USAM:}\
-      \rho_t T_w^2 g\text{)}, \quad g_{adv} = \nabla L(w + \epsilon), \quad
+      \epsilon = \rho_t\, T^2 g / (\|T g\| + \text{eps}) \ \text{(SAM; USAM:}\
+      \rho_t T^2 g\text{)}, \quad g_{adv} = \nabla L(w + \epsilon), \quad
       u = \text{inner}(\gamma^{[\text{stable}]} g_{adv};\, w),
 
-    with :math:`\gamma = \|T_w g\| / (\|T_w g_{adv}\| + \text{eps})`. The
-    wrapper never returns or stores perturbed params (no transparent mode).
+    with :math:`\gamma = \|T g\| / (\|T' g_{adv}\| + \text{eps})` and
+    :math:`T, T'` as in :func:`sam_value_and_grad`. The wrapper never returns
+    or stores perturbed params (no transparent mode).
 
     ``grad_fn(params) -> grads`` must compute the gradient on the *same*
     minibatch (and RNG key) as ``grads``; with ``has_aux=True`` it returns
     ``(grads, aux)`` and ``aux`` is discarded (aux such as BatchNorm statistics
     belongs to the clean pass, which the caller ran). A natural choice is
     ``grad_fn = lambda p: jax.grad(loss_fn)(p, batch)``. Other extra keyword
-    arguments are passed to ``inner``. Inside an ensemble wrapper
-    (:func:`optax_wa.lookaround`, :func:`optax_wa.papa`) ``grad_fn`` is called
-    per member with that member's params, so norms are per member.
+    arguments are passed to ``inner``.
+
+    **Weight decay goes inside**, in ``inner``:
+    ``sharpness_aware(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)))``,
+    as the released code's torch ``SGD(weight_decay=wd)`` does. In
+    ``optax.chain(optax.add_decayed_weights(wd), sharpness_aware(optax.sgd(lr)))``
+    the decay only enters ``grads``, the clean gradient that sets the ascent
+    direction (and the numerator of :math:`\gamma`); the descent gradient comes
+    from ``grad_fn``, which knows nothing of it, so no weight decay is ever
+    applied. The wrapper cannot see what precedes it in a chain: this is
+    documented, not detected.
+
+    **Ensembles**: a method that rewrites params (:func:`optax_wa.lookaround`,
+    :func:`optax_wa.papa`, :func:`optax_wa.wash`) wraps this one,
+    ``lookaround(ssam(sgd))``; ``grad_fn`` is then called per member with that
+    member's params, so norms are per member. The reverse order
+    ``ssam(lookaround(sgd))`` raises ``ValueError`` at ``init``.
 
     With ``axis_name`` (data parallel), pass the device's *local* gradient as
     ``grads`` and a ``grad_fn`` returning local gradients: the wrapper
-    averages over the axis as described in :func:`sam_value_and_grad`, so
+    averages over the axis as described in :func:`sam_value_and_grad`
+    (``sync_ascent=True`` reproduces the released code under DDP), so
     ``inner`` sees the same averaged gradient on every device.
+
+    Under ``optax.inject_hyperparams``, the numeric arguments (``rho``,
+    ``adaptive_eta``, ``eps``, ``max_scale``) become state; a callable
+    ``adaptive_mask`` must be named in ``static_args`` (otherwise it is taken
+    for a schedule).
 
     Args:
       inner: the optimizer applied to the descent gradient (momentum, weight
         decay etc. come after the sharpness-aware step, as in the papers).
       rho: perturbation radius :math:`\rho \ge 0`, a float or a schedule of the
-        update count.
+        update count (a traced value is clipped at 0).
       perturbation: ``"sam"`` or ``"usam"``.
-      adaptive: ASAM scaling :math:`T_w = |w| + \eta`.
-      adaptive_eta: :math:`\eta \ge 0`.
-      adaptive_mask: leaves scaled by :math:`T_w` (pytree of bools or callable;
-        others get :math:`T_w = 1`); default ``None``: all leaves.
+      adaptive: ASAM scaling :math:`T = |w| + \eta`.
+      adaptive_eta: :math:`\eta \ge 0`; default 0 as released, 0.01 in the
+        ASAM paper.
+      adaptive_mask: leaves scaled by :math:`T` (pytree of bools or callable;
+        others get :math:`T = 1`); default ``None``: all leaves.
+      adv_norm_weight: ASAM's weight in the norm of :math:`g_{adv}`:
+        ``"perturbed"`` (default, released, :math:`|w + \epsilon| + \eta`) or
+        ``"clean"`` (:math:`T`).
       stable: Stable SAM renormalization (see :func:`ssam`).
       max_scale: optional cap on :math:`\gamma`; ``None`` for no cap.
       eps: added to the norms in the denominators, ``>= 0``.
-      has_aux: whether ``grad_fn`` returns ``(grads, aux)``.
+      has_aux: whether ``grad_fn`` returns ``(grads, aux)``; a mismatch raises
+        ``ValueError`` at the first update.
       axis_name: data-parallel axis name, or ``None``.
       sync_ascent: with ``axis_name``, perturb with the all-device gradient.
       record_info: keep the step's :class:`SamInfo` in the state (default).
@@ -499,7 +660,11 @@ def sharpness_aware(
       :class:`SharpnessAwareState`.
 
     Raises:
-      ValueError: in ``update``, when ``grad_fn`` or ``params`` is missing.
+      ValueError: for a bad hyperparameter; at ``init``, when ``inner``
+        contains a params-rewriting method; in ``update``, when ``grad_fn``
+        or ``params`` is missing or ``grad_fn``'s output does not match
+        ``has_aux``. TypeError: for a non-bool flag; in ``update``, for
+        complex or integer params.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, optax_wa
@@ -516,9 +681,14 @@ def sharpness_aware(
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
 
+      Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+
       Tan et al., `Stabilizing Sharpness-Aware Minimization Through A Simple
       Renormalization Strategy <https://arxiv.org/abs/2401.07250>`_, JMLR 2025.
     """
+    _check_bools(has_aux=has_aux, record_info=record_info)
     options = _make_options(
         rho=rho,
         rho_may_be_schedule=True,
@@ -526,6 +696,7 @@ def sharpness_aware(
         adaptive=adaptive,
         adaptive_eta=adaptive_eta,
         adaptive_mask=adaptive_mask,
+        adv_norm_weight=adv_norm_weight,
         stable=stable,
         max_scale=max_scale,
         eps=eps,
@@ -535,10 +706,19 @@ def sharpness_aware(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        inner_state = inner.init(params)
+        rewriting = _params_rewriting_state(inner_state)
+        if rewriting is not None:
+            raise ValueError(
+                f"the inner optimizer of sharpness_aware/ssam holds a {rewriting}: "
+                "a method that rewrites params (lookaround, papa, wash) must wrap "
+                "the sharpness-aware one, never sit inside it. Write "
+                "lookaround(ssam(optax.sgd(...))), not ssam(lookaround(optax.sgd(...)))."
+            )
         zero = jnp.zeros([], jnp.float32)
         return SharpnessAwareState(
             count=jnp.zeros([], jnp.int32),
-            inner_state=inner.init(params),
+            inner_state=inner_state,
             info=(
                 SamInfo(gamma=zero, grad_norm=zero, adv_grad_norm=zero, adv_loss=None)
                 if record_info
@@ -558,8 +738,7 @@ def sharpness_aware(
         rho_t = rho(state.count) if callable(rho) else rho
 
         def adv_grad_fn(adv_params):
-            out = grad_fn(adv_params)
-            return (out[0] if has_aux else out), None
+            return _grads_from_grad_fn(grad_fn(adv_params), adv_params, has_aux), None
 
         descent, info = _sharpness_step(params, updates, adv_grad_fn, rho_t, options)
         new_updates, inner_state = inner.update(
@@ -577,26 +756,52 @@ def sharpness_aware(
 def ssam(
     inner: optax.GradientTransformation,
     rho: optax.ScalarOrSchedule = 0.05,
-    **options,
+    *,
+    perturbation: str = "sam",
+    adaptive: bool = False,
+    adaptive_eta: float = 0.0,
+    adaptive_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    adv_norm_weight: str = "perturbed",
+    max_scale: float | None = None,
+    eps: float = 1e-12,
+    has_aux: bool = False,
+    axis_name: str | None = None,
+    sync_ascent: bool = False,
+    record_info: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Stable SAM: :func:`sharpness_aware` with the descent gradient renormalized.
 
     .. math::
-      d = \frac{\|g\|}{\|g_{adv}\| + \text{eps}}\, g_{adv},
-      \qquad \|d\| = \|g\| \ \text{(up to eps)},
+      d = \frac{\|T g\|}{\|T' g_{adv}\| + \text{eps}}\, g_{adv},
+      \qquad \|d\| = \|g\| \ \text{(up to eps, without ASAM)},
 
     which keeps SAM's step no larger than the gradient step and widens the
     range of stable learning rates: on a quadratic with top eigenvalue
     :math:`\lambda`, USAM diverges above :math:`2/(\lambda(1+\rho\lambda))`
     while Stable USAM is stable up to the gradient-descent limit
-    :math:`2/\lambda`.
+    :math:`2/\lambda`. :math:`T = T' = 1` without ``adaptive``; with it, see
+    :func:`sam_value_and_grad` (default: the released code's
+    :math:`T = |w|`, :math:`T' = |w + \epsilon|`).
+
+    Weight decay goes in ``inner`` (``ssam(optax.chain(
+    optax.add_decayed_weights(wd), optax.sgd(lr)))``), never before ``ssam``
+    in a chain, where it would only tilt the ascent (see
+    :func:`sharpness_aware`). In an ensemble, ``lookaround(ssam(sgd))``.
 
     Args:
       inner: the optimizer applied to the descent gradient.
       rho: perturbation radius, a float or schedule.
-      **options: any other keyword of :func:`sharpness_aware`
-        (``perturbation="usam"`` for Stable USAM, ``adaptive=True`` for Stable
-        ASAM, ``max_scale=1.0`` for :math:`\min(1, \gamma)`, ...).
+      perturbation: ``"sam"`` (Stable SAM) or ``"usam"`` (Stable USAM).
+      adaptive: Stable ASAM.
+      adaptive_eta: ASAM's :math:`\eta` (default 0, released).
+      adaptive_mask: leaves scaled by :math:`T`; default all.
+      adv_norm_weight: ``"perturbed"`` (default, released) or ``"clean"``.
+      max_scale: cap on :math:`\gamma` (``1.0`` for :math:`\min(1, \gamma)`).
+      eps: added to the norms in the denominators.
+      has_aux: whether ``grad_fn`` returns ``(grads, aux)``.
+      axis_name: data-parallel axis name, or ``None``.
+      sync_ascent: with ``axis_name``, perturb with the all-device gradient.
+      record_info: keep the step's :class:`SamInfo` in the state.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state
@@ -617,8 +822,19 @@ def ssam(
       Tan et al., `Stabilizing Sharpness-Aware Minimization Through A Simple
       Renormalization Strategy <https://arxiv.org/abs/2401.07250>`_, JMLR 2025.
     """
-    if "stable" in options:
-        raise ValueError(
-            "ssam always has stable=True; use sharpness_aware for the rest."
-        )
-    return sharpness_aware(inner, rho=rho, stable=True, **options)
+    return sharpness_aware(
+        inner,
+        rho=rho,
+        perturbation=perturbation,
+        adaptive=adaptive,
+        adaptive_eta=adaptive_eta,
+        adaptive_mask=adaptive_mask,
+        adv_norm_weight=adv_norm_weight,
+        stable=True,
+        max_scale=max_scale,
+        eps=eps,
+        has_aux=has_aux,
+        axis_name=axis_name,
+        sync_ascent=sync_ascent,
+        record_info=record_info,
+    )

@@ -22,6 +22,7 @@ on ``jax.ShapeDtypeStruct``; the same inputs give bit-identical outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -92,33 +93,39 @@ CASES: dict[str, Case] = {
         ),
         hyperparams={"alpha": 0.9},
     ),
+    # The real factories under their real signatures (only the inner optimizer
+    # is bound): inject_hyperparams injects rho, eps, adaptive_eta (max_scale).
     "sharpness_aware": Case(
-        make=lambda learning_rate, rho: optax_wa.sharpness_aware(
-            optax.sgd(learning_rate, momentum=0.9), rho=rho
-        ),
-        hyperparams={"learning_rate": 0.1, "rho": 0.05},
+        make=functools.partial(optax_wa.sharpness_aware, optax.sgd(0.1, momentum=0.9)),
+        hyperparams={"rho": 0.05},
         ensemble=False,
         extra_args=lambda params: {"grad_fn": contract_grad_fn},
     ),
     "sharpness_aware_no_info": Case(
-        make=lambda learning_rate: optax_wa.sharpness_aware(
-            optax.sgd(learning_rate, momentum=0.9), rho=0.05, record_info=False
+        make=functools.partial(
+            optax_wa.sharpness_aware, optax.sgd(0.1, momentum=0.9), record_info=False
         ),
-        hyperparams={"learning_rate": 0.1},
+        hyperparams={"rho": 0.05},
         ensemble=False,
         extra_args=lambda params: {"grad_fn": contract_grad_fn},
     ),
     "ssam": Case(
-        make=lambda learning_rate: optax_wa.ssam(optax.sgd(learning_rate), rho=0.05),
-        hyperparams={"learning_rate": 0.1},
+        make=functools.partial(optax_wa.ssam, optax.sgd(0.1)),
+        hyperparams={"rho": 0.05},
         ensemble=False,
         extra_args=lambda params: {"grad_fn": contract_grad_fn},
     ),
     "asam": Case(
-        make=lambda learning_rate: optax_wa.sharpness_aware(
-            optax.sgd(learning_rate), rho=0.5, adaptive=True
+        make=functools.partial(optax_wa.sharpness_aware, optax.sgd(0.1), adaptive=True),
+        hyperparams={"rho": 0.5},
+        ensemble=False,
+        extra_args=lambda params: {"grad_fn": contract_grad_fn},
+    ),
+    "ssam_asam_capped": Case(
+        make=functools.partial(
+            optax_wa.ssam, optax.sgd(0.1), perturbation="usam", adaptive=True
         ),
-        hyperparams={"learning_rate": 0.1},
+        hyperparams={"rho": 0.5, "adaptive_eta": 0.01, "max_scale": 1.0},
         ensemble=False,
         extra_args=lambda params: {"grad_fn": contract_grad_fn},
     ),

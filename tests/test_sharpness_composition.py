@@ -238,3 +238,31 @@ def test_lookaround_with_ssam_per_member_equals_manual_computation():
     )
     # The last step's gamma, one per member, is in the inner state.
     np.testing.assert_allclose(state.inner_state.info.gamma, gammas[-2:], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- chain order
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda: optax_wa.lookaround(optax.sgd(0.1), sync_period=2),
+        lambda: optax_wa.papa(optax.sgd(0.1), alpha=0.9),
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax_wa.lookaround(optax.sgd(0.1), sync_period=2),
+        ),
+    ],
+    ids=["lookaround", "papa", "chain_with_lookaround"],
+)
+def test_params_rewriting_inner_raises_with_the_right_order(inner):
+    # ssam(lookaround(sgd)) would take SAM's norms over all members and fail
+    # later with a broadcasting error; the right order is lookaround(ssam(sgd)).
+    stacked = _two_members()
+    with pytest.raises(ValueError, match=r"lookaround\(ssam\("):
+        optax_wa.ssam(inner(), rho=0.1).init(stacked)
+    right = optax_wa.lookaround(optax_wa.ssam(optax.sgd(0.1), rho=0.1), sync_period=2)
+    state = right.init(stacked)
+    grad = jax.grad(_member_loss)
+    updates, _ = right.update(jax.vmap(grad)(stacked), state, stacked, grad_fn=grad)
+    chex.assert_tree_all_finite(updates)

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from optax_wa import members
+from optax_wa._numerics import global_norm, safe_ratio
 from optax_wa.slimmable.layers import slim_size, validate_widths
 from optax_wa.slimmable.losses import l2_normalize
 
@@ -510,7 +511,8 @@ def slimmable_grad_stats(
       r = \frac{\lVert \nabla_{\theta_\text{full} \setminus \theta_\text{min}}
       \rVert_2}{\lVert \nabla_{\theta_\text{min}} \rVert_2}
 
-    computed in float32 (0 when the denominator is exactly 0). A ratio below 1
+    computed in float32 with scaled norms (finite for every finite gradient,
+    whatever its magnitude; 0 when the denominator is exactly 0). A ratio below 1
     means the few weights shared by all widths receive more gradient than the
     rest of the full network: the gradient-magnitude imbalance of naive joint
     training. Updates pass through unchanged.
@@ -551,12 +553,12 @@ def slimmable_grad_stats(
         del params, extra_args
         ratios = {}
         for name, axes, g in _sliced_leaves(slim_axes, updates):
-            sq = jnp.square(jnp.asarray(g, jnp.float32))
+            g = jnp.asarray(g, jnp.float32)
             block = _block_mask(g.shape, axes, min_width)
-            inside = jnp.sum(jnp.where(block, sq, 0.0))
-            outside = jnp.sum(jnp.where(block, 0.0, sq))
-            safe = jnp.where(inside > 0, inside, 1.0)
-            ratios[name] = jnp.where(inside > 0, jnp.sqrt(outside / safe), 0.0)
+            # Scaled norms: no overflow, underflow or NaN gradient at any scale.
+            inside = global_norm([jnp.where(block, g, 0.0)])
+            outside = global_norm([jnp.where(block, 0.0, g)])
+            ratios[name] = safe_ratio(outside, inside)
         mean = (
             sum(ratios.values()) / len(ratios) if ratios else jnp.zeros([], jnp.float32)
         )

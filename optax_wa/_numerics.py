@@ -1,0 +1,66 @@
+r"""Norms that neither overflow, underflow nor differentiate to NaN.
+
+A plain float32 :math:`\sqrt{\sum x^2}` is ``inf`` once an element exceeds
+about 1.8e19 (its square passes float32's 3.4e38), is 0 once every element
+is below about 1e-19 (the squares leave float32's range), and its gradient
+is ``0 * inf = NaN`` at 0. The scaled form
+
+.. math::
+  \|x\|_2 = s \sqrt{\textstyle\sum_i (x_i / s)^2}, \qquad s = \max_i |x_i|,
+
+squares numbers in :math:`[0, 1]` only: the largest term is exactly 1, the
+sum lies in :math:`[1, n]`, and the result is exact up to rounding for every
+finite input (it is ``inf`` only when the norm itself is beyond float32).
+The value does not depend on :math:`s`, so :math:`s` is held constant under
+differentiation (the gradient is :math:`x / \|x\|`), and the square root is
+evaluated at 1 where the sum is 0 (the "double ``where``": the unused branch
+then has a finite gradient, which ``where`` multiplies by 0). At
+:math:`x = 0` the value and the gradient are both 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def global_norm(leaves: Sequence[jax.Array]) -> jax.Array:
+    """The L2 norm of all ``leaves`` together, scaled, in float32.
+
+    Safe at 0 (value and gradient 0), finite for every finite input whose
+    norm fits float32, ``inf`` when an input is infinite, NaN only when an
+    input is NaN. It reads the data twice (the maximum, then the scaled sum
+    of squares): one more pass than the plain form.
+    """
+    leaves = [jnp.asarray(x).astype(jnp.float32) for x in leaves if jnp.size(x)]
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    scale = jax.lax.stop_gradient(
+        jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+    )
+    finite_positive = (scale > 0) & jnp.isfinite(scale)
+    safe_scale = jnp.where(finite_positive, scale, 1.0)
+    total = sum(jnp.sum(jnp.square(x / safe_scale)) for x in leaves)
+    positive = total > 0
+    root = jnp.sqrt(jnp.where(positive, total, 1.0))
+    norm = jnp.where(positive, safe_scale * root, 0.0)
+    # An infinite element: the norm is infinite (never inf / inf = NaN).
+    return jnp.where(jnp.isinf(scale), scale, norm)
+
+
+def safe_ratio(numerator, denominator):
+    r"""``numerator / denominator``, 0 where the denominator is 0.
+
+    Both are divided by :math:`c = |\text{denominator}|` (held constant under
+    differentiation) before the division, so that the derivative with respect
+    to the denominator, :math:`-n / d^2`, is formed from numbers near 1: a
+    plain division squares :math:`d` and loses the derivative (or makes it
+    ``inf``) once :math:`d` passes about 1e19 or falls below 1e-19.
+    ``numerator`` may be an array and ``denominator`` a scalar.
+    """
+    positive = denominator > 0
+    scale = jax.lax.stop_gradient(jnp.where(positive, denominator, 1.0))
+    ratio = (numerator / scale) / jnp.where(positive, denominator / scale, 1.0)
+    return jnp.where(positive, ratio, 0.0)
