@@ -289,8 +289,9 @@ def _periodic_average(
         new = jax.tree.map(lambda p, u: acc(p) + acc(u), params, inner_updates)
 
         def no_sync(ops):
-            like = mean_like if combine == "pull" else ops
-            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
+            if combine == "pull":
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
+            return jax.tree.map(jnp.zeros_like, ops)  # keeps the member split
 
         if combine == "pull":
             mean_like = jax.eval_shape(

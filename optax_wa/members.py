@@ -391,7 +391,9 @@ def pair_mean(tree: PyTree, pairs: jax.Array, axis_name: str | None = None) -> P
     PAPA-2's recombination (:func:`optax_wa.papa` with ``combine="pair_half"``
     draws the pairs). Computed in float32 and rounded once to each leaf's dtype.
     In named mode every member gathers the ensemble (``lax.all_gather``) and
-    picks its pair by ``lax.axis_index``.
+    picks its pair by ``lax.axis_index``; in stacked mode with the member axis
+    split over an explicit mesh axis the ensemble is gathered too, then split
+    again.
 
     Args:
       tree: a stacked ensemble (stacked mode) or one member (named mode), with
@@ -415,7 +417,12 @@ def pair_mean(tree: PyTree, pairs: jax.Array, axis_name: str | None = None) -> P
     def one(x):
         acc = x.astype(_accumulation_dtype(x.dtype))
         if axis_name is None:
+            spec = jax.typeof(x).sharding.spec if _member_axis_is_sharded(x) else None
+            if spec is not None:  # gather the members, mix, split them again
+                acc = jax.sharding.reshard(acc, P())
             a, b = acc[pairs[:, 0]], acc[pairs[:, 1]]
+            if spec is not None:
+                return jax.sharding.reshard((0.5 * (a + b)).astype(x.dtype), spec)
         else:
             everyone = jax.lax.all_gather(acc, axis_name)
             a, b = (everyone[pairs[jax.lax.axis_index(axis_name), j]] for j in (0, 1))

@@ -759,3 +759,35 @@ def test_integer_params_are_rejected(factory):
 def test_bad_sync_period_names_the_argument(value):
     with pytest.raises(ValueError, match="sync_period"):
         optax_wa.lookaround(optax.sgd(0.1), sync_period=value)
+
+
+def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_params():
+    from examples.cifar.configs import default
+    from examples.common import methods
+
+    config = default.get_config()
+    config.method = "papa"
+    config.optimizer.warmup_steps = 3  # lr(0) = 0
+    config.papa.period = 2
+    method = methods.parse_method("papa")
+    schedule = methods.learning_rate_schedule(config, total_steps=12)
+    assert float(schedule(0)) == 0.0
+    tx = methods.make_optimizer(config, method, schedule, steps_per_epoch=5)
+    sync = methods.model_state_sync(config, method, schedule, steps_per_epoch=5)
+    params, grads = _random_params(3), _random_grads(12, 3)
+    stats = {"mean": jax.random.normal(jax.random.key(9), (3, 2))}
+    state = tx.init(params)
+    for g in grads:
+        updates, state = jax.jit(tx.update)(g, state, params)
+        params = optax.apply_updates(params, updates)
+        before = stats
+        stats = jax.jit(sync)(stats, state.count)
+        chex.assert_tree_all_finite((params, stats))
+        c = int(state.count)
+        pulled = (c - 1) % 5 % 2 == 0  # after updates 1, 3, 5 of every epoch
+        lr_next = float(schedule(c))
+        a = 1 - lr_next / config.optimizer.learning_rate * (1 - config.papa.alpha)
+        want = before["mean"] if not pulled else (
+            a * before["mean"] + (1 - a) * before["mean"].mean(0)
+        )
+        np.testing.assert_allclose(stats["mean"], want, rtol=1e-6, atol=1e-7)
