@@ -328,9 +328,7 @@ def _periodic_average(
             )
 
         new_updates = jax.tree.map(
-            lambda t, p, u: jnp.where(
-                is_sync, _in_param_dtype(t, p) - acc(p), acc(u)
-            ),
+            lambda t, p, u: jnp.where(is_sync, _in_param_dtype(t, p) - acc(p), acc(u)),
             targets,
             params,
             inner_updates,

@@ -459,6 +459,8 @@ def test_bf16_sync_makes_members_bitwise_equal_to_the_rounded_mean(m, which):
     updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     jitted = np.asarray(optax.apply_updates(params, updates)["w"]).view(np.uint16)
     assert (jitted == jitted[0]).all(), "members differ after a jitted sync"
+
+
 # --- stacked == named (vmap) == named (shard_map) ---------------------------
 
 _FACTORIES = {
@@ -738,9 +740,7 @@ def test_tree_map_params_builds_a_sharding_tree_for_the_state(factory):
     chex.assert_trees_all_equal(placed, state)
     # Param-shaped leaves (momentum, Adam moments) got the params' sharding.
     moments = [
-        leaf
-        for leaf in jax.tree.leaves(placed)
-        if leaf.shape in {(8, 3, 2), (8, 2)}
+        leaf for leaf in jax.tree.leaves(placed) if leaf.shape in {(8, 3, 2), (8, 2)}
     ]
     assert moments and all(leaf.sharding == split for leaf in moments)
     counts = [leaf for leaf in jax.tree.leaves(placed) if leaf.ndim <= 1]
@@ -787,7 +787,9 @@ def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_para
         pulled = (c - 1) % 5 % 2 == 0  # after updates 1, 3, 5 of every epoch
         lr_next = float(schedule(c))
         a = 1 - lr_next / config.optimizer.learning_rate * (1 - config.papa.alpha)
-        want = before["mean"] if not pulled else (
-            a * before["mean"] + (1 - a) * before["mean"].mean(0)
+        want = (
+            before["mean"]
+            if not pulled
+            else (a * before["mean"] + (1 - a) * before["mean"].mean(0))
         )
         np.testing.assert_allclose(stats["mean"], want, rtol=1e-6, atol=1e-7)

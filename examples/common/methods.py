@@ -140,9 +140,7 @@ def papa_alpha_and_period(config, schedule, steps_per_epoch: int | None):
         alpha = optax_wa.papa_lr_scaled_alpha(
             alpha, schedule, config.optimizer.learning_rate
         )
-    period = optax_wa.sync_schedule(
-        config.papa.period, steps_per_epoch=steps_per_epoch
-    )
+    period = optax_wa.sync_schedule(config.papa.period, steps_per_epoch=steps_per_epoch)
     return alpha, period
 
 
