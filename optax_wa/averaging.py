@@ -286,23 +286,21 @@ def _periodic_average(
         def acc(x):
             return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-        new = jax.tree.map(lambda p, u: acc(p) + acc(u), params, inner_updates)
+        def added(ops):  # the members' new params, in accumulation precision
+            return jax.tree.map(lambda p, u: acc(p) + acc(u), *ops)
 
         def no_sync(ops):
             if combine == "pull":
                 return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
-            return jax.tree.map(jnp.zeros_like, ops)  # keeps the member split
+            return jax.tree.map(jnp.zeros_like, added(ops))  # keeps the member split
 
+        # The branch operands are the params and inner updates (not their sum),
+        # so that off-sync steps add nothing to what the inner update writes.
+        ops = (params, inner_updates)
         if combine == "pull":
-            mean_like = jax.eval_shape(
-                lambda t: members.reduced_member_mean(t, axis_name), new
-            )
-            mean = jax.lax.cond(
-                is_sync,
-                lambda t: members.reduced_member_mean(t, axis_name),
-                no_sync,
-                new,
-            )
+            mean_of = lambda ops: members.reduced_member_mean(added(ops), axis_name)  # noqa: E731
+            mean_like = jax.eval_shape(mean_of, ops)
+            mean = jax.lax.cond(is_sync, mean_of, no_sync, ops)
             weight = None if alpha is None else _alpha_at(alpha, count)
 
             def target_of(n, m, p):
@@ -312,7 +310,7 @@ def _periodic_average(
                 w = weight.astype(n.dtype)
                 return w * n + (1 - w) * m
 
-            targets = jax.tree.map(target_of, new, mean, params)
+            targets = jax.tree.map(target_of, added(ops), mean, params)
         else:
             pairs = _released_pairs(
                 members.num_members(params)
@@ -322,9 +320,9 @@ def _periodic_average(
             )
             targets = jax.lax.cond(
                 is_sync,
-                lambda t: members.pair_mean(t, pairs, axis_name),
+                lambda ops: members.pair_mean(added(ops), pairs, axis_name),
                 no_sync,
-                new,
+                ops,
             )
 
         new_updates = jax.tree.map(
