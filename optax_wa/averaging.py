@@ -74,6 +74,12 @@ def _check_sync(name: str, sync) -> SyncSchedule:
     integral = isinstance(sync, (int, np.integer)) or (
         dtype is not None and jnp.issubdtype(dtype, jnp.integer)
     )
+    if dtype is not None and jnp.issubdtype(dtype, jnp.bool_):
+        raise ValueError(
+            f"{name} is a boolean array: a sync schedule under "
+            "optax.inject_hyperparams must be named in static_args "
+            f"(static_args=({name!r},)), or it is evaluated as a hyperparameter."
+        )
     if isinstance(sync, bool) or not integral or np.ndim(sync) != 0:
         raise ValueError(
             f"{name} must be an integer >= 1 or a schedule count -> bool, got {sync!r}."

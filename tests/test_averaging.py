@@ -793,3 +793,19 @@ def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_para
             else (a * before["mean"] + (1 - a) * before["mean"].mean(0))
         )
         np.testing.assert_allclose(stats["mean"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_inject_hyperparams_with_a_sync_schedule_needs_static_args():
+    inner = optax.sgd(0.1)
+    every = optax_wa.sync_schedule(2, steps_per_epoch=3)
+    params, grads = _random_params(3), _random_grads(5, 3)
+    with pytest.raises(ValueError, match="static_args"):
+        optax.inject_hyperparams(optax_wa.papa)(inner=inner, period=every).init(params)
+    injected = optax.inject_hyperparams(optax_wa.papa, static_args="period")(
+        inner=inner, alpha=0.5, period=every
+    )
+    plain = optax_wa.papa(inner, alpha=0.5, period=every)
+    want, _ = _run(plain, params, grads)
+    got, _ = _run(injected, params, grads, update=jax.jit(injected.update))
+    for a, b in zip(want, got):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
