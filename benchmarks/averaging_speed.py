@@ -6,8 +6,7 @@ Prints, side by side in one process:
   previous updates donated) over windows of 10 updates, which hold whole
   sync periods (lookaround: 5, papa: 10), divided by the vmapped inner
   optimizer's, on a stacked tree with ResNet-20's parameter shapes (0.27M values per member,
-  4 members); both ways of feeding the averaging branch (``recompute``) and
-  ``control_flow="select"`` (no branch: the mean fused into every step);
+  4 members);
 * update+apply ratio: the same with ``optax.apply_updates`` in the jitted
   step and the params donated (the inner optimizer's update then fuses into
   its apply, which writes the params in place);
@@ -21,6 +20,7 @@ in reverse order); each ratio is the median over rounds of the per-round
 ratio, with its quartiles::
 
     python benchmarks/averaging_speed.py [--members 4] [--batch 8] [--repeats 100] [--train-repeats 8]
+    python benchmarks/averaging_speed.py --smoke     # tiny settings, same table
 """
 
 from __future__ import annotations
@@ -205,7 +205,12 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="images per member")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--train-repeats", type=int, default=8)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings (< 30 s), same table"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.members, args.batch, args.repeats, args.train_repeats = 2, 2, 2, 1
     # Default periods: lookaround syncs every 5 updates, papa pulls every 10;
     # timing windows of 10 updates hold whole periods of both.
     m, k = args.members, 10
@@ -220,18 +225,6 @@ def main():
         "inner (vmapped sgd+momentum)": members.per_member(inner),
         "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
         "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
-        'lookaround, control_flow="select"': optax_wa.lookaround(
-            inner, sync_period=5, control_flow="select"
-        ),
-        'papa, control_flow="select"': optax_wa.papa(
-            inner, alpha=0.99, period=10, control_flow="select"
-        ),
-        "lookaround, recompute=False": optax_wa.lookaround(
-            inner, sync_period=5, recompute=False
-        ),
-        "papa, recompute=False": optax_wa.papa(
-            inner, alpha=0.99, period=10, recompute=False
-        ),
     }
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "

@@ -3,11 +3,15 @@ weight-space symmetry as composable optax transformations."""
 
 from optax_wa import comm, members, permutation, shuffling, slimmable, transfer
 from optax_wa.averaging import (
+    AveragingState,
     LookaroundState,
     PapaState,
+    is_sync_step,
     lookaround,
     papa,
     papa_lr_scaled_alpha,
+    sync_schedule,
+    sync_weight,
 )
 from optax_wa.batchnorm import recalibrate_batch_stats, recalibrate_nnx_batch_stats
 from optax_wa.permutation import (
@@ -35,12 +39,16 @@ __all__ = [
     "shuffling",
     "wash",
     "wash_layer_probs",
+    "AveragingState",
     "LookaroundState",
     "PapaState",
+    "is_sync_step",
     "lookaround",
     "members",
     "papa",
     "papa_lr_scaled_alpha",
+    "sync_schedule",
+    "sync_weight",
     "recalibrate_batch_stats",
     "recalibrate_nnx_batch_stats",
     "permutation",

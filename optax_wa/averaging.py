@@ -1,14 +1,17 @@
 """Weight averaging during training: Lookaround and PAPA.
 
 Both wrap an inner optimizer that runs per member (see
-:func:`optax_wa.members.per_member`) and, periodically, move the members
-toward their mean after the inner step. Because they rewrite the parameters,
-their update is ``new_params - params``: they must be the last element of an
-``optax.chain``.
+:func:`optax_wa.members.per_member`) and, at the steps a sync schedule picks,
+move the members toward their mean after the inner step. They are two faces of
+one private core, :func:`_periodic_average`. Because they rewrite the
+parameters, their update is ``new_params - params``: they must be the last
+element of an ``optax.chain``.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -18,14 +21,32 @@ import optax
 
 from optax_wa import members
 
+__all__ = [
+    "AveragingState",
+    "LookaroundState",
+    "PapaState",
+    "is_sync_step",
+    "lookaround",
+    "papa",
+    "papa_lr_scaled_alpha",
+    "sync_schedule",
+    "sync_weight",
+]
+
 _STATE_POLICIES = ("keep", "average", "reset")
+_COMBINES = ("pull", "pair_half")
+_RATE_READINGS = ("next", "current")
+
+SyncSchedule = int | Callable[[jax.Array], jax.Array]
 
 
-class LookaroundState(NamedTuple):
-    """State of :func:`lookaround`.
+class AveragingState(NamedTuple):
+    """State of :func:`lookaround` and :func:`papa`.
 
     Attributes:
       count: number of updates so far (int32 scalar; per member in named mode).
+        ``optax.tree_utils.tree_get(state, "count")`` is ambiguous when the
+        inner optimizer also counts (Adam, schedules): read ``state.count``.
       inner_state: the inner optimizer's state, one per member (stacked mode:
         every leaf has a leading member axis).
     """
@@ -34,22 +55,138 @@ class LookaroundState(NamedTuple):
     inner_state: optax.OptState
 
 
-class PapaState(NamedTuple):
-    """State of :func:`papa`.
+LookaroundState = AveragingState
+PapaState = AveragingState
 
-    Attributes:
-      count: number of updates so far (int32 scalar; per member in named mode).
-      inner_state: the inner optimizer's state, one per member.
+
+# --- the sync schedule --------------------------------------------------------
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_sync(name: str, sync) -> SyncSchedule:
+    """An int >= 1 or a callable; a traced integer (``inject_hyperparams``) passes."""
+    if callable(sync):
+        return sync
+    dtype = getattr(sync, "dtype", None)
+    integral = isinstance(sync, (int, np.integer)) or (
+        dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+    )
+    if dtype is not None and jnp.issubdtype(dtype, jnp.bool_):
+        raise ValueError(
+            f"{name} is a boolean array: a sync schedule under "
+            "optax.inject_hyperparams must be named in static_args "
+            f"(static_args=({name!r},)), or it is evaluated as a hyperparameter."
+        )
+    if isinstance(sync, bool) or not integral or np.ndim(sync) != 0:
+        raise ValueError(
+            f"{name} must be an integer >= 1 or a schedule count -> bool, got {sync!r}."
+        )
+    if _is_concrete(sync) and int(sync) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {sync!r}.")
+    return sync
+
+
+def sync_schedule(
+    period: int, *, steps_per_epoch: int | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    r"""A sync schedule ``count -> bool`` for :func:`lookaround` and :func:`papa`.
+
+    ``count`` is the number of updates done, the current one included (the
+    first update has ``count = 1``). Without ``steps_per_epoch`` the schedule
+    syncs after every ``period``-th update of the run (:math:`c \bmod k = 0`),
+    which is what an integer period means. With ``steps_per_epoch`` it is the
+    released PAPA loop's schedule: the batch index inside the epoch,
+    :math:`i = (c - 1) \bmod E`, is reset every epoch and the sync follows
+    updates with :math:`i \bmod k = 0`, i.e. the first update of every epoch
+    and every ``period``-th one after it.
+
+    Args:
+      period: ``k >= 1``.
+      steps_per_epoch: ``E >= 1``, or ``None`` for a period over the whole run.
+
+    Returns:
+      A schedule to pass as ``sync_period=`` / ``period=``, or to
+      :func:`is_sync_step`.
+
+    Examples:
+      >>> import optax_wa
+      >>> every = optax_wa.sync_schedule(3, steps_per_epoch=7)
+      >>> [c for c in range(1, 15) if every(c)]
+      [1, 4, 7, 8, 11, 14]
     """
+    _check_sync("period", period)
+    if steps_per_epoch is None:
+        return lambda count: jnp.asarray(count) % period == 0
+    _check_sync("steps_per_epoch", steps_per_epoch)
+    return lambda count: (jnp.asarray(count) - 1) % steps_per_epoch % period == 0
 
-    count: jax.Array
-    inner_state: optax.OptState
+
+def is_sync_step(sync: SyncSchedule, count) -> jax.Array:
+    """Whether the update that brought the update count to ``count`` syncs.
+
+    The one definition :func:`lookaround` and :func:`papa` use: call it with
+    ``state.count`` after an update (or any count of updates done) to do what
+    the optimizer did at the same step, e.g. for BatchNorm statistics.
+
+    Args:
+      sync: an integer period (after every ``sync``-th update) or a schedule
+        ``count -> bool`` such as :func:`sync_schedule`'s. A period below 1
+        known only at run time (``inject_hyperparams``) never syncs.
+      count: the number of updates done, the current one included.
+
+    Returns:
+      A boolean scalar array.
+    """
+    count = jnp.asarray(count)
+    if callable(sync):
+        return jnp.asarray(sync(count), bool)
+    period = jnp.asarray(sync)
+    return (period >= 1) & (count % jnp.maximum(period, 1) == 0)
 
 
-def _check_period(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    return int(value)
+def _alpha_at(alpha, count) -> jax.Array:
+    """``alpha`` at the update that made the count ``count``, clipped to [0, 1]."""
+    value = alpha(count - 1) if callable(alpha) else alpha
+    return jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
+
+
+def sync_weight(alpha, sync: SyncSchedule, count) -> jax.Array:
+    r"""The weight each member keeps on its own state after update ``count``.
+
+    ``alpha_t`` at a sync step (as :func:`papa` pulls:
+    :math:`w_i \leftarrow \alpha_t w_i + (1-\alpha_t)\bar w`) and 1 elsewhere;
+    ``alpha = 0`` is :func:`lookaround`'s replacement by the mean. Pass it to
+    :func:`optax_wa.members.pull_to_mean` to treat BatchNorm statistics exactly
+    as the optimizer treated the params at the same step.
+
+    A schedule ``alpha`` is evaluated at ``count - 1``, the index optax
+    schedules give the update (its first update is 0). The value is clipped to
+    ``[0, 1]``: a weight outside it (a schedule or ``inject_hyperparams``
+    value known only at run time) would extrapolate past the member or past
+    the mean. A NaN weight stays NaN.
+
+    Args:
+      alpha: a float in ``[0, 1]`` or a schedule.
+      sync: an integer period or a schedule ``count -> bool``
+        (see :func:`is_sync_step`).
+      count: the number of updates done, the current one included
+        (``state.count`` after the update).
+
+    Returns:
+      A float32 scalar array.
+
+    Examples:
+      >>> import optax_wa
+      >>> [float(optax_wa.sync_weight(0.75, 2, c)) for c in (1, 2)]
+      [1.0, 0.75]
+    """
+    return jnp.where(is_sync_step(sync, count), _alpha_at(alpha, count), 1.0)
+
+
+# --- the core -----------------------------------------------------------------
 
 
 def _require_params(name, params):
@@ -59,14 +196,14 @@ def _require_params(name, params):
         )
 
 
-def _is_concrete_number(x) -> bool:
-    if isinstance(x, (int, float, np.number)):
-        return True
-    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
-
-
-def _cast_like(tree, like):
-    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+def _require_floating(name, params):
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+            raise TypeError(
+                f"{name}: param {jax.tree_util.keystr(path)} has dtype "
+                f"{jnp.result_type(p)}; members are averaged, and an integer mean "
+                "would be truncated. Use floating-point params."
+            )
 
 
 def _inexact(x) -> bool:
@@ -74,9 +211,7 @@ def _inexact(x) -> bool:
 
 
 def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
-    """The inner state after a Lookaround sync, as ``state_policy`` says."""
-    if policy == "keep":
-        return inner_state
+    """The inner state after a sync, as ``state_policy`` says."""
     if policy == "average":
         return jax.tree.map(
             lambda s: members.member_mean(s, axis_name) if _inexact(s) else s,
@@ -88,143 +223,144 @@ def _sync_inner_state(policy, init_fn, inner_state, averaged_params, axis_name):
     )
 
 
-def _after(tree, token):
-    """``tree`` with a data dependency on ``token`` (a scalar zero), values unchanged.
+def _released_pairs(num: int, key: jax.Array) -> jax.Array:
+    """PAPA-2's pairs as the released code draws them: ``(num, 2)`` indices.
 
-    ``x - 0`` keeps every value bit for bit (signed zeros and NaNs included);
-    non-numeric leaves (PRNG keys, bools) pass through. The dependency makes
-    XLA schedule the readers of ``tree`` after the producer of ``token``.
+    Two members: both become their average. More: the first ``num`` pairs of
+    ``itertools.combinations(range(num), 2)`` in a random order, one per member.
     """
-
-    def one(x):
-        dtype = getattr(x, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.number):
-            return x
-        return x - token.astype(dtype)
-
-    return jax.tree.map(one, tree)
+    if num == 1:
+        return jnp.zeros((1, 2), jnp.int32)
+    if num == 2:
+        return jnp.array([[0, 1], [0, 1]], jnp.int32)
+    table = jnp.array(list(itertools.combinations(range(num), 2))[:num], jnp.int32)
+    return table[jax.random.permutation(key, num)]
 
 
-def _wants_recompute(recompute, extra_args) -> bool:
-    if recompute is not None:
-        return bool(recompute)
-    return not any(callable(v) for v in jax.tree.leaves(extra_args))
+def _in_param_dtype(target, p):
+    """``target`` (accumulation precision) rounded once to ``p``'s dtype."""
+    return target.astype(p.dtype).astype(target.dtype)
 
 
-_CONTROL_FLOWS = ("cond", "select")
-
-
-def _check_sync_options(recompute, control_flow):
-    if control_flow not in _CONTROL_FLOWS:
-        raise ValueError(
-            f"control_flow must be one of {_CONTROL_FLOWS}, got {control_flow!r}."
-        )
-    if recompute is not None and not isinstance(recompute, bool):
-        raise ValueError(f"recompute must be None, True or False, got {recompute!r}.")
-    if recompute is not None and control_flow == "select":
-        raise ValueError(
-            "recompute chooses how the lax.cond branch gets the inner updates; "
-            'it has no meaning with control_flow="select" (leave it None).'
-        )
-    return recompute
-
-
-def _step_and_mean(
-    per_member,
-    updates,
-    inner_state,
-    params,
-    extra_args,
-    is_due,
-    axis_name,
+def _periodic_average(
+    inner: optax.GradientTransformation,
     *,
-    period,
-    control_flow,
-    recompute,
-):
-    """The inner step and, when ``is_due``, the member mean of ``params + inner_updates``.
+    name: str,
+    sync: SyncSchedule,
+    alpha,
+    axis_name,
+    state_policy: str = "keep",
+    combine: str = "pull",
+    seed=0,
+) -> optax.GradientTransformationExtraArgs:
+    """The core of lookaround and papa: the inner step, then at sync steps
 
-    Returns ``(inner_updates, inner_state, mean)``; ``mean`` is reduced
-    (:func:`optax_wa.members.reduced_member_mean`, accumulation precision).
-    With period 1 or ``control_flow="select"`` the mean is
-    computed on every step, as one elementwise expression that XLA fuses with
-    the inner update and the caller's selection (the member sum is unrolled),
-    so no pass over the ensemble is added. Otherwise the mean sits under
-    ``lax.cond`` so that off-sync steps do not pay for it and holds zeros when
-    it was not due; the skipped branch only fills ``1/M`` of the ensemble's
-    values with zeros. Two ways to feed the branch:
+        new_i = alpha_t (w_i + u_i) + (1 - alpha_t) mean_j (w_j + u_j)
 
-    * ``recompute`` (``None``: unless an extra argument is callable): the
-      branch runs the inner update itself from the (unchanged) gradients,
-      inner state and params, so nothing extra is
-      materialized on off-sync steps and the inner update outside the branch
-      fuses with the caller's ``apply_updates``; the inner optimizer runs twice
-      on due steps. The inner update outside is ordered after the branch
-      (:func:`_after`), so XLA updates a donated inner state in place.
-    * otherwise the inner updates are computed once and handed to the branch,
-      which materializes them on every step.
+    (``combine="pull"``; ``alpha=None`` is the plain mean) or
+    ``new_i = (new_{a_i} + new_{b_i}) / 2`` (``combine="pair_half"``).
+
+    Cost: the mean is a ``lax.cond`` branch holding one model (``1/M`` of the
+    ensemble) and the pairs a branch holding the new ensemble, so off-sync
+    steps do not reduce over members; the selection between the sync target
+    and the plain update is elementwise and fuses with ``apply_updates``.
+
+    Rounding: the update is ``target - params`` in accumulation precision
+    (float32 for bfloat16/float16 params), with the target rounded once to the
+    params' dtype first. The difference of two bfloat16 (or float16) values
+    is exact in float32, so ``optax.apply_updates`` (which adds in the wider
+    dtype and casts back) lands exactly on the rounded target: after a
+    Lookaround sync members are bitwise equal.
     """
+    inner = optax.with_extra_args_support(inner)
+    per_member = members.per_member(inner, axis_name)
 
-    def added(a, b):
-        acc = members._accumulation_dtype(a.dtype)
-        return a.astype(acc) + b.astype(acc)
-
-    def mean_of(p, u):
-        return members.reduced_member_mean(jax.tree.map(added, p, u), axis_name)
-
-    # Shapes of the reduced mean, read off the params (no extra trace).
-    shapes = jax.tree.map(
-        lambda p: jax.ShapeDtypeStruct(
-            p.shape if axis_name is not None else p.shape[1:],
-            members._accumulation_dtype(p.dtype),
-        ),
-        params,
-    )
-
-    def zeros(_):
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-    if period == 1 or control_flow == "select":
-        inner_updates, inner_state = per_member.update(
-            updates, inner_state, params, **extra_args
+    def init_fn(params):
+        return AveragingState(
+            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
         )
-        return inner_updates, inner_state, mean_of(params, inner_updates)
 
-    if _wants_recompute(recompute, extra_args):
-        # The token is made inside each branch: a value closed over from
-        # outside would be hoisted out of the cond, losing the ordering.
-
-        def due(ops):
-            g, s, p = ops
-            u, _ = per_member.update(g, s, p, **extra_args)
-            return mean_of(p, u), jnp.zeros([], jnp.float32)
-
-        def skip(ops):
-            return zeros(ops), jnp.zeros([], jnp.float32)
-
-        mean, token = jax.lax.cond(is_due, due, skip, (updates, inner_state, params))
+    def update_fn(updates, state, params=None, **extra_args):
+        _require_params(name, params)
+        _require_floating(name, params)
+        count = optax.safe_increment(state.count)
+        is_sync = is_sync_step(sync, count)
         inner_updates, inner_state = per_member.update(
-            updates, _after(inner_state, token), params, **extra_args
+            updates, state.inner_state, params, **extra_args
         )
-        return inner_updates, inner_state, mean
 
-    inner_updates, inner_state = per_member.update(
-        updates, inner_state, params, **extra_args
-    )
-    mean = jax.lax.cond(
-        is_due, lambda ops: mean_of(*ops), zeros, (params, inner_updates)
-    )
-    return inner_updates, inner_state, mean
+        def acc(x):
+            return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+        def added(ops):  # the members' new params, in accumulation precision
+            return jax.tree.map(lambda p, u: acc(p) + acc(u), *ops)
+
+        def no_sync(ops):
+            if combine == "pull":
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
+            return jax.tree.map(jnp.zeros_like, added(ops))  # keeps the member split
+
+        # The branch operands are the params and inner updates (not their sum),
+        # so that off-sync steps add nothing to what the inner update writes.
+        ops = (params, inner_updates)
+        if combine == "pull":
+            mean_of = lambda ops: members.reduced_member_mean(added(ops), axis_name)  # noqa: E731
+            mean_like = jax.eval_shape(mean_of, ops)
+            mean = jax.lax.cond(is_sync, mean_of, no_sync, ops)
+            weight = None if alpha is None else _alpha_at(alpha, count)
+
+            def target_of(n, m, p):
+                m = members.broadcast_to_members(m, p, axis_name)
+                if weight is None:
+                    return m
+                w = weight.astype(n.dtype)
+                return w * n + (1 - w) * m
+
+            targets = jax.tree.map(target_of, added(ops), mean, params)
+        else:
+            pairs = _released_pairs(
+                members.num_members(params)
+                if axis_name is None
+                else jax.lax.psum(1, axis_name),
+                jax.random.fold_in(jax.random.key(seed), count),
+            )
+            targets = jax.lax.cond(
+                is_sync,
+                lambda ops: members.pair_mean(added(ops), pairs, axis_name),
+                no_sync,
+                ops,
+            )
+
+        new_updates = jax.tree.map(
+            lambda t, p, u: jnp.where(is_sync, _in_param_dtype(t, p) - acc(p), acc(u)),
+            targets,
+            params,
+            inner_updates,
+        )
+        if state_policy != "keep":
+            averaged = jax.tree.map(lambda t, p: t.astype(p.dtype), targets, params)
+            inner_state = jax.lax.cond(
+                is_sync,
+                lambda s: _sync_inner_state(
+                    state_policy, per_member.init, s, averaged, axis_name
+                ),
+                lambda s: s,
+                inner_state,
+            )
+        return new_updates, AveragingState(count=count, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- the faces ----------------------------------------------------------------
 
 
 def lookaround(
     inner: optax.GradientTransformation,
     *,
-    sync_period: int = 5,
+    sync_period: SyncSchedule = 5,
     axis_name: str | None = None,
     state_policy: str = "keep",
-    recompute: bool | None = None,
-    control_flow: str = "cond",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lookaround: members step independently, then are replaced by their average.
 
@@ -240,16 +376,21 @@ def lookaround(
       \end{cases}
 
     where :math:`u_i^t` is the inner update of member :math:`i` and :math:`k`
-    is ``sync_period``. By default off-sync steps do not compute the average
-    (the sync is a ``lax.cond``; see ``recompute`` and ``control_flow``).
+    is ``sync_period``. The average is a ``lax.cond`` branch: off-sync steps do
+    not compute it.
 
     The returned update is ``new_params - params``, so ``lookaround`` must be
     the last element of an ``optax.chain``. Extra keyword arguments of
-    ``update`` go to every member's inner update unchanged.
+    ``update`` go to every member's inner update unchanged. For bfloat16 or
+    float16 params the update is float32, so that ``optax.apply_updates``
+    rounds the average once: after a sync the members are bitwise equal.
 
     Args:
       inner: the per-member optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``).
-      sync_period: number of updates between averages, ``>= 1``.
+      sync_period: an integer ``k >= 1`` (sync after every ``k``-th update) or
+        a schedule ``count -> bool`` (see :func:`sync_schedule`). An integer
+        may come from ``optax.inject_hyperparams`` (a traced array; a value
+        below 1 then never syncs).
       axis_name: ``None`` (stacked mode: params carry a leading member axis)
         or the name of the mapped member axis (named mode).
       state_policy: what happens to the members' inner states at a sync:
@@ -258,33 +399,13 @@ def lookaround(
         their member mean), ``"reset"`` (floating-point leaves are re-initialized
         with ``inner.init`` at the averaged params; integer leaves such as step
         counters are kept, so schedules continue).
-      recompute: how the sync step gets the inner updates it averages.
-        ``True``: the averaging branch runs the inner update itself, so
-        off-sync steps materialize nothing extra (their inner update fuses
-        with ``apply_updates``) and the inner optimizer runs twice on sync
-        steps. ``False``: the inner update runs once and is handed to the
-        branch, which materializes it on every step. ``None`` (default):
-        ``True`` unless an extra argument of ``update`` is callable (such as
-        the ``grad_fn`` of :func:`optax_wa.sharpness_aware`, whose update
-        evaluates gradients and is too costly to run twice). Both give the
-        same result up to float rounding. Only with ``control_flow="cond"``.
-      control_flow: ``"cond"`` (default): the average is a ``lax.cond``
-        branch that only sync steps run; it reads the ensemble once more on
-        those steps. ``"select"``: no control flow; every step computes the
-        member mean inside the same fused elementwise pass as the inner update
-        (the member sum is unrolled up to 32 members) and keeps it on sync
-        steps (``jnp.where``), so a sync step costs about what an off-sync
-        step does and the inner update runs once. Pick
-        ``"select"`` when ``update`` is timed on its own or the new params are
-        written to a fresh buffer; when the step donates the params and
-        applies the updates in place, XLA must stage the new params and copy
-        them (the mean reads other members' params), which costs more than the
-        branch. In named mode, and with the member axis split over devices,
-        ``"select"`` runs the cross-member reduction (a collective) on every
-        step. Both give the same result up to float rounding.
 
     Returns:
-      A ``GradientTransformationExtraArgs`` with state :class:`LookaroundState`.
+      A ``GradientTransformationExtraArgs`` with state :class:`AveragingState`
+      (also named ``LookaroundState``).
+
+    Raises:
+      TypeError: at the first update, if a param leaf is not floating point.
 
     Examples:
       >>> import jax.numpy as jnp, optax, optax_wa
@@ -303,109 +424,84 @@ def lookaround(
       Zhang et al., `Lookaround Optimizer: k steps around, 1 step average
       <https://arxiv.org/abs/2306.07684>`_, NeurIPS 2023.
     """
-    sync_period = _check_period("sync_period", sync_period)
-    recompute = _check_sync_options(recompute, control_flow)
+    sync_period = _check_sync("sync_period", sync_period)
     if state_policy not in _STATE_POLICIES:
         raise ValueError(
             f"state_policy must be one of {_STATE_POLICIES}, got {state_policy!r}."
         )
-    inner = optax.with_extra_args_support(inner)
-    per_member = members.per_member(inner, axis_name)
-
-    def init_fn(params):
-        return LookaroundState(
-            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        _require_params("lookaround", params)
-        count = optax.safe_increment(state.count)
-        is_sync = count % sync_period == 0
-        inner_updates, inner_state, mean = _step_and_mean(
-            per_member,
-            updates,
-            state.inner_state,
-            params,
-            extra_args,
-            is_sync,
-            axis_name,
-            period=sync_period,
-            control_flow=control_flow,
-            recompute=recompute,
-        )
-        new_updates = jax.tree.map(
-            lambda a, p, u: jnp.where(
-                is_sync,
-                members.broadcast_to_members(a, p, axis_name) - p.astype(a.dtype),
-                u.astype(a.dtype),
-            ).astype(u.dtype),
-            mean,
-            params,
-            inner_updates,
-        )
-        if state_policy != "keep":
-            averaged = jax.tree.map(
-                lambda a, p: members.broadcast_to_members(a, p, axis_name).astype(
-                    p.dtype
-                ),
-                mean,
-                params,
-            )
-            resync = lambda s: _sync_inner_state(  # noqa: E731
-                state_policy, per_member.init, s, averaged, axis_name
-            )
-            if sync_period == 1:
-                inner_state = resync(inner_state)
-            else:
-                inner_state = jax.lax.cond(is_sync, resync, lambda s: s, inner_state)
-        return new_updates, LookaroundState(count=count, inner_state=inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _periodic_average(
+        inner,
+        name="lookaround",
+        sync=sync_period,
+        alpha=None,
+        axis_name=axis_name,
+        state_policy=state_policy,
+    )
 
 
 def papa(
     inner: optax.GradientTransformation,
     *,
     alpha: optax.ScalarOrSchedule = 0.99,
-    period: int = 10,
+    period: SyncSchedule = 10,
     axis_name: str | None = None,
-    recompute: bool | None = None,
-    control_flow: str = "cond",
+    combine: str = "pull",
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""PAPA: every ``period`` steps, pull each member toward the population mean.
+    r"""PAPA: at sync steps, pull each member toward the population mean.
 
-    After the inner step of every ``period``-th update:
+    After the inner step of every sync step (``period``):
 
     .. math::
       w_i \leftarrow \alpha_t\, w_i + (1 - \alpha_t)\, \bar w, \qquad
       \bar w = \tfrac{1}{M}\textstyle\sum_j w_j .
 
-    The inner optimizer states are untouched. ``alpha = 0`` replaces every
-    member by the mean (PAPA-all with the same period). The released code
-    scales :math:`1 - \alpha` by :math:`\eta_t / \eta_0`; pass
-    ``alpha=papa_lr_scaled_alpha(0.99, lr_schedule)`` for that. BatchNorm
-    buffers are not optimizer params: pull them with
-    :func:`optax_wa.members.pull_to_mean` at the same steps.
+    The inner optimizer states are untouched. The released code
+    (SamsungSAILMontreal/PAPA, ``main.py``) pulls after the 1st, (k+1)-th,
+    (2k+1)-th… update of every epoch, with
+    :math:`\alpha_t = 1 - (\eta_{t+1}/\eta_{base})(1-\alpha)`; that recipe is
+
+    .. code-block:: python
+
+      papa(inner, alpha=papa_lr_scaled_alpha(0.99, lr_schedule, base_rate),
+           period=sync_schedule(10, steps_per_epoch=steps_per_epoch))
+
+    The variants of the paper, on an every-few-epochs schedule: PAPA-all is
+    ``alpha=0`` (every member replaced by the average); PAPA-2 is
+    ``combine="pair_half"`` (every member replaced by the 0.5/0.5 average of a
+    random pair of members). BatchNorm buffers are not optimizer params: pull
+    them with :func:`optax_wa.members.pull_to_mean` and
+    :func:`sync_weight` (:func:`optax_wa.members.pair_mean` for PAPA-2).
 
     The returned update is ``new_params - params``, so ``papa`` must be the
-    last element of an ``optax.chain``.
+    last element of an ``optax.chain``; for bfloat16 or float16 params it is
+    float32, so that ``optax.apply_updates`` rounds the pulled value once.
 
     Args:
       inner: the per-member optimizer.
       alpha: the weight kept on a member's own parameters, in ``[0, 1]``; a
-        float or a schedule evaluated at the step index of the pull.
-      period: number of updates between pulls, ``>= 1``.
+        float or a schedule, evaluated at the index of the update that pulls
+        (optax's: the first update is 0). A value outside ``[0, 1]`` known
+        only at run time (a schedule, ``inject_hyperparams``) is clipped to it.
+        Ignored with ``combine="pair_half"``.
+      period: the sync schedule: an integer ``k >= 1`` (after every ``k``-th
+        update of the run) or a schedule ``count -> bool``
+        (:func:`sync_schedule`; ``steps_per_epoch=`` gives the released one).
       axis_name: ``None`` (stacked mode) or the mapped member axis name.
-      recompute: how the pull step gets the inner updates it averages, as
-        in :func:`lookaround`: ``True`` reruns the inner update inside the
-        pull branch, ``False`` hands it the once-computed updates, ``None``
-        (default) is ``True`` unless an extra argument is callable.
-      control_flow: ``"cond"`` (default: the pull is a ``lax.cond`` branch)
-        or ``"select"`` (the member mean is fused into every step's pass and
-        kept on pull steps), as in :func:`lookaround`.
+      combine: ``"pull"`` (default, the formula above) or ``"pair_half"``
+        (PAPA-2, as the released ``method_comb=pair_half`` draws its pairs: with
+        ``M >= 3`` the first ``M`` pairs of ``combinations(range(M), 2)`` in a
+        random order, one per member; with ``M = 2`` both become their
+        average). The draw uses ``fold_in(key(seed), count)``, the same on
+        every member and device. Named mode gathers the ensemble at a sync.
+      seed: the seed of PAPA-2's pair draws.
 
     Returns:
-      A ``GradientTransformationExtraArgs`` with state :class:`PapaState`.
+      A ``GradientTransformationExtraArgs`` with state :class:`AveragingState`
+      (also named ``PapaState``).
+
+    Raises:
+      TypeError: at the first update, if a param leaf is not floating point.
 
     Examples:
       >>> import jax.numpy as jnp, optax, optax_wa
@@ -420,75 +516,81 @@ def papa(
       Jolicoeur-Martineau et al., `Population Parameter Averaging (PAPA)
       <https://arxiv.org/abs/2304.03094>`_, TMLR 2024.
     """
-    period = _check_period("period", period)
-    recompute = _check_sync_options(recompute, control_flow)
-    if not callable(alpha) and _is_concrete_number(alpha):
-        value = np.asarray(alpha)
+    period = _check_sync("period", period)
+    if combine not in _COMBINES:
+        raise ValueError(f"combine must be one of {_COMBINES}, got {combine!r}.")
+    if not callable(alpha) and _is_concrete(alpha):
+        try:
+            value = np.asarray(alpha, np.float64)
+        except (TypeError, ValueError):
+            value = np.asarray(np.nan)
         if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"alpha must be a scalar in [0, 1], got {alpha!r}.")
-    inner = optax.with_extra_args_support(inner)
-    per_member = members.per_member(inner, axis_name)
-
-    def init_fn(params):
-        return PapaState(
-            count=jnp.zeros([], jnp.int32), inner_state=per_member.init(params)
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        _require_params("papa", params)
-        alpha_t = alpha(state.count) if callable(alpha) else alpha
-        count = optax.safe_increment(state.count)
-        is_pull = count % period == 0
-        inner_updates, inner_state, mean = _step_and_mean(
-            per_member,
-            updates,
-            state.inner_state,
-            params,
-            extra_args,
-            is_pull,
-            axis_name,
-            period=period,
-            control_flow=control_flow,
-            recompute=recompute,
-        )
-
-        def combine(a, p, u):
-            acc = a.dtype
-            new = p.astype(acc) + u.astype(acc)
-            al = jnp.asarray(alpha_t, acc)
-            pulled = al * new + (1 - al) * members.broadcast_to_members(a, p, axis_name)
-            return jnp.where(is_pull, pulled - p.astype(acc), u.astype(acc)).astype(
-                u.dtype
-            )
-
-        new_updates = jax.tree.map(combine, mean, params, inner_updates)
-        return new_updates, PapaState(count=count, inner_state=inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _periodic_average(
+        inner,
+        name="papa",
+        sync=period,
+        alpha=alpha,
+        axis_name=axis_name,
+        combine=combine,
+        seed=seed,
+    )
 
 
 def papa_lr_scaled_alpha(
-    alpha: float, learning_rate: optax.ScalarOrSchedule
+    alpha: float,
+    learning_rate: optax.ScalarOrSchedule,
+    base_rate: float,
+    *,
+    rate: str = "next",
 ) -> optax.Schedule:
-    r"""PAPA's released default: scale the pull by the learning-rate decay.
+    r"""PAPA's released ``lr_scaling='linear'``: a pull that shrinks with the rate.
 
     .. math::
-      \alpha_t = 1 - (1 - \alpha)\,\frac{\eta_t}{\eta_0}
+      \alpha_t = 1 - \frac{\eta}{\eta_{base}}\,(1 - \alpha)
+
+    The released loop steps the scheduler before the pull and reads the rate
+    it then reports, that of the next update: :math:`\eta = \eta_{t+1}`
+    (``rate="next"``, default). ``rate="current"`` reads the rate of the
+    update that pulls, :math:`\eta_t`. :math:`\eta_{base}` is the configured
+    base rate, never ``schedule(0)`` (0 with a warmup). The released code
+    keeps the previous weight when :math:`\eta = \eta_{base}` exactly; the
+    formula gives :math:`\alpha` there, which is the same unless a warmup
+    reaches the base rate after earlier pulls.
 
     Args:
       alpha: the base weight in ``[0, 1]``.
       learning_rate: the inner optimizer's learning rate or schedule.
+      base_rate: :math:`\eta_{base} > 0`, the configured (peak) rate.
+      rate: ``"next"`` or ``"current"``.
 
     Returns:
-      A schedule to pass as ``papa(..., alpha=...)``.
+      A schedule to pass as ``papa(..., alpha=...)`` (evaluated there at the
+      index of the update that pulls).
+
+    Examples:
+      >>> import optax, optax_wa
+      >>> lr = optax.linear_schedule(0.2, 0.0, 10)
+      >>> alpha = optax_wa.papa_lr_scaled_alpha(0.9, lr, base_rate=0.2)
+      >>> round(float(alpha(4)), 6)                 # 1 - (0.1 / 0.2) * 0.1
+      0.95
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
-    if not callable(learning_rate):
-        return lambda count: jnp.asarray(alpha, jnp.float32)
-    lr0 = learning_rate(0)
+    if not isinstance(alpha, (int, float, np.number)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    if (
+        isinstance(base_rate, bool)
+        or not isinstance(base_rate, (int, float, np.number))
+        or not np.isfinite(base_rate)
+        or base_rate <= 0
+    ):
+        raise ValueError(f"base_rate must be a finite number > 0, got {base_rate!r}.")
+    if rate not in _RATE_READINGS:
+        raise ValueError(f"rate must be one of {_RATE_READINGS}, got {rate!r}.")
+    shift = 1 if rate == "next" else 0
+    schedule = learning_rate if callable(learning_rate) else lambda _: learning_rate
 
-    def schedule(count):
-        return 1.0 - (1.0 - alpha) * learning_rate(count) / lr0
+    def scaled(count):
+        eta = jnp.asarray(schedule(count + shift), jnp.float32)
+        return 1.0 - (eta / base_rate) * (1.0 - alpha)
 
-    return schedule
+    return scaled

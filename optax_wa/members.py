@@ -13,8 +13,10 @@ the same numbers in both:
   or ``jax.pmap`` and cross-member operations are collectives over that name.
 
 The cross-member operations of this module (:func:`member_mean`,
-:func:`pull_to_mean`, :func:`apply_and_mean`) take ``axis_name`` and pick the
-backend, so each method is written once.
+:func:`reduced_member_mean`, :func:`average_members`, :func:`pull_to_mean`,
+:func:`pair_mean`) take ``axis_name`` and pick the backend, so each method is
+written once. Member means accumulate in float32 (or wider) and refuse integer
+leaves, whose mean would be truncated.
 """
 
 from __future__ import annotations
@@ -211,19 +213,19 @@ def _sum_over_members(x: jax.Array) -> jax.Array:
     return acc
 
 
-def average_members(tree: PyTree) -> PyTree:
-    """The uniform average of the members (a "soup"): one single model.
+def _check_floating(fn: str, tree: PyTree) -> None:
+    """Raises ``TypeError`` naming the first leaf whose dtype is not floating.
 
-    Accumulates in float32 (or wider) and returns each leaf in its dtype.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from optax_wa import members
-      >>> members.average_members({"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])})["w"]
-      Array([2., 4.], dtype=float32)
+    The mean of integers would be truncated (the mean of 1 and 2 is not 1).
     """
-    size = num_members(tree)
-    return jax.tree.map(lambda x: (_sum_over_members(x) / size).astype(x.dtype), tree)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{fn}: leaf {_path_str(path)} has dtype {dtype}; member means need "
+                "floating-point leaves (an integer mean would be truncated). Cast "
+                "the leaf to a float dtype or keep it out of the tree."
+            )
 
 
 def _reduced_mean_leaf(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -233,6 +235,69 @@ def _reduced_mean_leaf(x: jax.Array, axis_name: str | None) -> jax.Array:
     if axis_name is not None:
         return jax.lax.pmean(acc, axis_name)
     return _sum_over_members(acc) / x.shape[0]
+
+
+def reduced_member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
+    """The member mean as one model, in accumulation precision (float32 or wider).
+
+    The building block of the averaging methods: stacked mode returns one model
+    without the member axis (``leaf.shape[1:]``), so a caller that only
+    sometimes needs the mean (inside a ``lax.cond``) moves ``1/M`` of the
+    ensemble's values; named mode is ``lax.pmean`` over ``axis_name``.
+    Broadcast back with :func:`broadcast_to_members`. :func:`average_members` is
+    the same mean in each leaf's own dtype.
+
+    Args:
+      tree: a stacked ensemble (stacked mode) or one member (named mode), with
+        floating-point leaves.
+      axis_name: ``None`` for stacked mode, else the mapped axis name.
+
+    Returns:
+      The mean, each leaf in ``promote_types(leaf.dtype, float32)``.
+
+    Raises:
+      TypeError: if a leaf is not floating point.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa import members
+      >>> tree = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]], jnp.bfloat16)}
+      >>> members.reduced_member_mean(tree)["w"]
+      Array([2., 4.], dtype=float32)
+    """
+    _check_floating("reduced_member_mean", tree)
+    return jax.tree.map(lambda x: _reduced_mean_leaf(x, axis_name), tree)
+
+
+def average_members(tree: PyTree, axis_name: str | None = None) -> PyTree:
+    """The uniform average of the members (a "soup"): one single model.
+
+    :func:`reduced_member_mean` (float32 accumulation) cast back to each leaf's
+    dtype. Use it to evaluate or export the averaged model.
+
+    Args:
+      tree: a stacked ensemble (stacked mode) or one member (named mode), with
+        floating-point leaves.
+      axis_name: ``None`` for stacked mode, else the mapped axis name.
+
+    Returns:
+      One model (stacked mode: every leaf without its member axis).
+
+    Raises:
+      TypeError: if a leaf is not floating point.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa import members
+      >>> members.average_members({"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])})["w"]
+      Array([2., 4.], dtype=float32)
+    """
+    _check_floating("average_members", tree)
+    if axis_name is None:
+        num_members(tree)
+    return jax.tree.map(
+        lambda x: _reduced_mean_leaf(x, axis_name).astype(x.dtype), tree
+    )
 
 
 def broadcast_to_members(
@@ -256,30 +321,25 @@ def _mean_leaf(x: jax.Array, axis_name: str | None) -> jax.Array:
     return broadcast_to_members(_reduced_mean_leaf(x, axis_name), x, axis_name)
 
 
-def reduced_member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
-    """The member mean in accumulation precision (float32 or wider).
-
-    Stacked mode: one model, without the member axis (``leaf.shape[1:]``), so
-    a caller that only sometimes needs the mean (inside a ``lax.cond``) moves
-    ``1/M`` of the ensemble's values. Named mode: ``lax.pmean`` over
-    ``axis_name``. Broadcast back with :func:`broadcast_to_members`.
-    """
-    return jax.tree.map(lambda x: _reduced_mean_leaf(x, axis_name), tree)
-
-
 def member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
-    """The member mean, shaped like the input.
+    """The member mean, shaped like the input: every member replaced by the mean.
 
     In stacked mode the mean is broadcast back over the member axis; in named
-    mode it is ``lax.pmean`` over ``axis_name``. Accumulates in float32.
+    mode it is ``lax.pmean`` over ``axis_name``. Accumulates in float32 and
+    rounds once to each leaf's dtype.
 
     Args:
-      tree: a stacked ensemble (stacked mode) or one member (named mode).
+      tree: a stacked ensemble (stacked mode) or one member (named mode), with
+        floating-point leaves.
       axis_name: ``None`` for stacked mode, else the mapped axis name.
 
     Returns:
       A tree like ``tree`` whose every member holds the mean.
+
+    Raises:
+      TypeError: if a leaf is not floating point.
     """
+    _check_floating("member_mean", tree)
     return jax.tree.map(lambda x: _mean_leaf(x, axis_name).astype(x.dtype), tree)
 
 
@@ -306,26 +366,69 @@ def pull_to_mean(tree: PyTree, alpha, axis_name: str | None = None) -> PyTree:
       \bar w = \tfrac{1}{M} \textstyle\sum_j w_j .
 
     ``alpha = 1`` is the identity, ``alpha = 0`` replaces every member by the
-    mean. The mean of the members is unchanged.
+    mean (as :func:`member_mean`). The mean of the members is unchanged.
 
     Args:
-      tree: a stacked ensemble (stacked mode) or one member (named mode).
-      alpha: a scalar in ``[0, 1]`` (may be a traced array).
+      tree: a stacked ensemble (stacked mode) or one member (named mode), with
+        floating-point leaves.
+      alpha: a scalar in ``[0, 1]`` (may be a traced array, e.g. from
+        :func:`optax_wa.sync_weight`).
       axis_name: ``None`` for stacked mode, else the mapped axis name.
+
+    Raises:
+      TypeError: if a leaf is not floating point.
     """
+    _check_floating("pull_to_mean", tree)
     return jax.tree.map(lambda x: interpolate(x, _mean_leaf(x, axis_name), alpha), tree)
 
 
-def apply_and_mean(
-    params: PyTree, updates: PyTree, axis_name: str | None = None
-) -> PyTree:
-    """Member mean of ``params + updates`` in one fused pass, shaped like ``params``."""
+def pair_mean(tree: PyTree, pairs: jax.Array, axis_name: str | None = None) -> PyTree:
+    r"""Replaces member ``i`` by the mean of members ``pairs[i, 0]`` and ``pairs[i, 1]``.
 
-    def one(p, u):
-        acc = _accumulation_dtype(p.dtype)
-        return _mean_leaf(p.astype(acc) + u.astype(acc), axis_name)
+    .. math::
+      w_i \leftarrow \tfrac12 \big(w_{a_i} + w_{b_i}\big)
 
-    return jax.tree.map(one, params, updates)
+    PAPA-2's recombination (:func:`optax_wa.papa` with ``combine="pair_half"``
+    draws the pairs). Computed in float32 and rounded once to each leaf's dtype.
+    In named mode every member gathers the ensemble (``lax.all_gather``) and
+    picks its pair by ``lax.axis_index``; in stacked mode with the member axis
+    split over an explicit mesh axis the ensemble is gathered too, then split
+    again.
+
+    Args:
+      tree: a stacked ensemble (stacked mode) or one member (named mode), with
+        floating-point leaves.
+      pairs: an int array of shape ``(M, 2)`` of member indices (may be traced).
+      axis_name: ``None`` for stacked mode, else the mapped axis name.
+
+    Raises:
+      TypeError: if a leaf is not floating point.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_wa import members
+      >>> tree = {"w": jnp.array([0.0, 2.0, 6.0])}
+      >>> members.pair_mean(tree, jnp.array([[0, 1], [1, 2], [0, 2]]))["w"]
+      Array([1., 4., 3.], dtype=float32)
+    """
+    _check_floating("pair_mean", tree)
+    pairs = jnp.asarray(pairs)
+
+    def one(x):
+        acc = x.astype(_accumulation_dtype(x.dtype))
+        if axis_name is None:
+            spec = jax.typeof(x).sharding.spec if _member_axis_is_sharded(x) else None
+            if spec is not None:  # gather the members, mix, split them again
+                acc = jax.sharding.reshard(acc, P())
+            a, b = acc[pairs[:, 0]], acc[pairs[:, 1]]
+            if spec is not None:
+                return jax.sharding.reshard((0.5 * (a + b)).astype(x.dtype), spec)
+        else:
+            everyone = jax.lax.all_gather(acc, axis_name)
+            a, b = (everyone[pairs[jax.lax.axis_index(axis_name), j]] for j in (0, 1))
+        return (0.5 * (a + b)).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
 
 
 def per_member(
@@ -346,6 +449,11 @@ def per_member(
         return inner
 
     def init_fn(params):
+        if not jax.tree.leaves(params):
+            # Nothing to map over (an empty tree, or the placeholder that
+            # ``optax.tree_utils.tree_map_params`` passes to read the state's
+            # structure): the inner state's structure is all there is.
+            return inner.init(params)
         num_members(params)
         return _follow_member_sharding(jax.vmap(inner.init)(params), params)
 

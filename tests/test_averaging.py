@@ -1,5 +1,6 @@
 """Analytic and equivalence tests of lookaround and papa."""
 
+import itertools
 import re
 
 import chex
@@ -57,12 +58,11 @@ def test_lookaround_one_member_equals_inner():
         )
 
 
-@pytest.mark.parametrize("control_flow", ["cond", "select"])
-def test_lookaround_hand_traced_two_syncs(control_flow):
+def test_lookaround_hand_traced_two_syncs():
     # Two members, SGD lr=1, k=2:
     # (1, 3) -g(1,-1)-> (0, 4) -g(1,-1)-> (-1, 5) -sync-> (2, 2)
     #        -g(1,.5)-> (1, 1.5) -g(-1,.5)-> (2, 1) -sync-> (1.5, 1.5)
-    opt = optax_wa.lookaround(optax.sgd(1.0), sync_period=2, control_flow=control_flow)
+    opt = optax_wa.lookaround(optax.sgd(1.0), sync_period=2)
     params = {"w": jnp.array([1.0, 3.0])}
     grads = [jnp.array(g) for g in ([1.0, -1.0], [1.0, -1.0], [1.0, 0.5], [-1.0, 0.5])]
     trajectory, state = _run(opt, params, [{"w": g} for g in grads])
@@ -178,14 +178,287 @@ def test_papa_alpha_one_is_inner_and_alpha_zero_is_average():
     chex.assert_trees_all_close(
         averaged[1], members.member_mean(averaged[1]), rtol=1e-6, atol=1e-6
     )
+    # ... and the members hold the right mean: the NumPy heavy-ball reference
+    # averaged after step 2.
+    for name in ("w", "b"):
+        reference = _numpy_lookaround(
+            params[name], [g[name] for g in grads], 0.1, 0.9, 2, "keep"
+        )
+        np.testing.assert_allclose(
+            averaged[1][name], reference[1][0], rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            averaged[3][name], reference[3][0], rtol=1e-6, atol=1e-6
+        )
 
 
-def test_papa_lr_scaled_alpha():
+def test_papa_lr_scaled_alpha_reads_the_base_rate_not_schedule_zero():
     schedule = optax.linear_schedule(0.2, 0.0, 10)
-    alpha = optax_wa.papa_lr_scaled_alpha(0.99, schedule)
-    np.testing.assert_allclose(alpha(0), 0.99, rtol=1e-6)
-    np.testing.assert_allclose(alpha(5), 1 - 0.01 * 0.5, rtol=1e-6)
-    np.testing.assert_allclose(alpha(10), 1.0, rtol=1e-6)
+    current = optax_wa.papa_lr_scaled_alpha(0.99, schedule, 0.2, rate="current")
+    np.testing.assert_allclose(current(0), 0.99, rtol=1e-6)
+    np.testing.assert_allclose(current(5), 1 - 0.01 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(current(10), 1.0, rtol=1e-6)
+    # The released reading: the rate of the next update.
+    following = optax_wa.papa_lr_scaled_alpha(0.99, schedule, 0.2)
+    np.testing.assert_allclose(following(4), 1 - 0.01 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(following(9), 1.0, rtol=1e-6)
+    # A warmup starts at lr(0) = 0: the base rate is not schedule(0).
+    warm = optax.warmup_cosine_decay_schedule(0.0, 0.4, 4, 20, 0.004)
+    assert float(warm(0)) == 0.0
+    for reading in ("next", "current"):
+        alpha = optax_wa.papa_lr_scaled_alpha(0.9, warm, 0.4, rate=reading)
+        shift = 1 if reading == "next" else 0
+        for c in range(21):
+            want = 1 - float(warm(c + shift)) / 0.4 * 0.1
+            np.testing.assert_allclose(alpha(c), want, rtol=1e-6)
+    np.testing.assert_allclose(
+        optax_wa.papa_lr_scaled_alpha(0.9, warm, 0.4, rate="current")(0), 1.0
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=1.5), "alpha"),
+        (dict(base_rate=0.0), "base_rate"),
+        (dict(base_rate=float("nan")), "base_rate"),
+        (dict(rate="previous"), "rate"),
+    ],
+)
+def test_papa_lr_scaled_alpha_rejects_bad_input(kwargs, match):
+    args = dict(alpha=0.9, learning_rate=0.1, base_rate=0.1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        optax_wa.papa_lr_scaled_alpha(**args)
+
+
+# --- PAPA exactly as released (SamsungSAILMontreal/PAPA, main.py) -------------
+
+
+def _released_papa_loop(w0, b0, rs0, lrs, base, alpha, k, steps_per_epoch, epochs):
+    """The released loop in NumPy (float64), per batch i of every epoch:
+
+    forward (running statistics move), SGD step with torch's coupled weight
+    decay and momentum at rate lrs[t], scheduler step (t += 1), then, if
+    i % k == 0, alpha_t = 1 - (lrs[t] / base)(1 - alpha) and every member,
+    params and running statistics, becomes alpha_t w + (1 - alpha_t) mean(w).
+    Gradients: those of 0.5 * sum(c * w^2) + noise(t).
+    """
+    w, b, rs = (np.array(x, np.float64) for x in (w0, b0, rs0))
+    buf_w, buf_b = np.zeros_like(w), np.zeros_like(b)
+    out, t = [], 0
+    for _ in range(epochs):
+        for i in range(steps_per_epoch):
+            gw, gb = _released_grads(w, b, t)
+            rs = 0.9 * rs + 0.1 * _batch_stat(t, rs.shape)
+            buf_w = 0.9 * buf_w + gw + 5e-4 * w
+            buf_b = 0.9 * buf_b + gb + 5e-4 * b
+            w, b = w - lrs[t] * buf_w, b - lrs[t] * buf_b
+            t += 1
+            if i % k == 0:
+                a = 1 - (lrs[t] / base) * (1 - alpha)
+                w, b, rs = (a * x + (1 - a) * x.mean(0) for x in (w, b, rs))
+            out.append((w.copy(), b.copy(), rs.copy()))
+    return out
+
+
+_CURVATURE = np.linspace(0.5, 2.0, 4)
+
+
+def _released_grads(w, b, t):
+    rng = np.random.default_rng(1000 + t)
+    return (
+        _CURVATURE * w + rng.normal(size=w.shape),
+        0.3 * b + rng.normal(size=b.shape),
+    )
+
+
+def _batch_stat(t, shape):
+    return np.random.default_rng(5000 + t).normal(size=shape)
+
+
+def _papa_as_released(schedule, base, steps_per_epoch, epochs=2, k=5, alpha=0.9):
+    m = 3
+    rng = np.random.default_rng(7)
+    w0 = rng.normal(size=(m, 4)) * np.array([[0.3], [1.1], [2.7]])
+    b0 = rng.normal(size=(m, 2)) + 0.25
+    rs0 = rng.normal(size=(m, 4)) * 0.5
+    num = steps_per_epoch * epochs
+    lrs = [float(schedule(t)) for t in range(num + 1)]
+    reference = _released_papa_loop(
+        w0, b0, rs0, lrs, base, alpha, k, steps_per_epoch, epochs
+    )
+    inner = optax.chain(
+        optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9)
+    )
+    alpha_t = optax_wa.papa_lr_scaled_alpha(alpha, schedule, base)
+    period = optax_wa.sync_schedule(k, steps_per_epoch=steps_per_epoch)
+    opt = optax_wa.papa(inner, alpha=alpha_t, period=period)
+    params = {"w": jnp.asarray(w0, jnp.float32), "b": jnp.asarray(b0, jnp.float32)}
+    rs = jnp.asarray(rs0, jnp.float32)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for t, (w_ref, b_ref, rs_ref) in enumerate(reference):
+        gw, gb = _released_grads(np.asarray(params["w"]), np.asarray(params["b"]), t)
+        grads = {"w": jnp.asarray(gw, jnp.float32), "b": jnp.asarray(gb, jnp.float32)}
+        rs = 0.9 * rs + 0.1 * jnp.asarray(_batch_stat(t, rs.shape), jnp.float32)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        # Running statistics: pulled at the same steps with the same weight.
+        weight = optax_wa.sync_weight(alpha_t, period, state.count)
+        rs = members.pull_to_mean(rs, weight)
+        np.testing.assert_allclose(params["w"], w_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(params["b"], b_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rs, rs_ref, rtol=1e-6, atol=1e-6)
+    return reference
+
+
+@pytest.mark.parametrize("steps_per_epoch", [20, 23])
+def test_papa_equals_the_released_loop(steps_per_epoch):
+    base = 0.05
+    schedule = optax.cosine_decay_schedule(base, 2 * steps_per_epoch, alpha=0.1)
+    reference = _papa_as_released(schedule, base, steps_per_epoch)
+    # The test can fail: pulling after every 5th update of the run instead
+    # moves the params by far more than the tolerance.
+    w0 = reference[0][0]
+    assert np.ptp(w0, axis=0).max() > 0.1  # members differ: pulls matter
+    lrs = [float(schedule(t)) for t in range(2 * steps_per_epoch + 1)]
+    rng = np.random.default_rng(7)
+    shifted = _released_papa_loop(
+        rng.normal(size=(3, 4)) * np.array([[0.3], [1.1], [2.7]]),
+        rng.normal(size=(3, 2)) + 0.25,
+        rng.normal(size=(3, 4)) * 0.5,
+        [0.0] + lrs,  # every pull one update later
+        base,
+        0.9,
+        5,
+        steps_per_epoch,
+        2,
+    )
+    assert np.abs(shifted[-1][0] - reference[-1][0]).max() > 1e-3
+
+
+def test_papa_with_a_warmup_from_zero_stays_finite_and_released():
+    base = 0.05
+    schedule = optax.warmup_cosine_decay_schedule(0.0, base, 6, 40, 0.005)
+    assert float(schedule(0)) == 0.0
+    reference = _papa_as_released(schedule, base, steps_per_epoch=20)
+    assert np.isfinite(reference[-1][0]).all()
+
+
+def test_sync_schedule_is_the_released_per_epoch_schedule():
+    released = optax_wa.sync_schedule(5, steps_per_epoch=12)
+    counts = [c for c in range(1, 37) if bool(released(c))]
+    # Batch index i = (c - 1) % 12 with i % 5 == 0: i in {0, 5, 10}.
+    assert counts == [1, 6, 11, 13, 18, 23, 25, 30, 35]
+    whole_run = optax_wa.sync_schedule(5)
+    assert [c for c in range(1, 16) if bool(whole_run(c))] == [5, 10, 15]
+    for c in range(1, 16):
+        assert bool(optax_wa.is_sync_step(5, c)) == (c % 5 == 0)
+        assert bool(optax_wa.is_sync_step(released, c)) == bool(released(c))
+
+
+def test_lookaround_accepts_a_sync_schedule():
+    schedule = optax_wa.sync_schedule(2, steps_per_epoch=3)  # after updates 1, 3, 4, 6
+    params, grads = _random_params(3), _random_grads(6, 3)
+    trajectory, _ = _run(
+        optax_wa.lookaround(optax.sgd(0.1), sync_period=schedule), params, grads
+    )
+    w = np.asarray(params["w"], np.float64)
+    for c, (g, got) in enumerate(zip(grads, trajectory), start=1):
+        w = w - 0.1 * np.asarray(g["w"])
+        if c in (1, 3, 4, 6):
+            w = np.broadcast_to(w.mean(0), w.shape).copy()
+        np.testing.assert_allclose(got["w"], w, rtol=1e-6, atol=1e-6)
+
+
+# --- PAPA-2 and PAPA-all ------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_papa_pair_half_mixes_the_released_pairs(m):
+    params = {"w": jax.random.normal(jax.random.key(m), (m, 6))}
+    opt = optax_wa.papa(optax.sgd(0.0), period=1, combine="pair_half", seed=3)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    trajectory, _ = _run(opt, params, [zeros, zeros])
+    w = np.asarray(params["w"], np.float64)
+    table = [(0, 1), (0, 1)] if m == 2 else list(itertools.combinations(range(m), 2))
+    want = sorted(tuple(np.round(0.5 * (w[a] + w[b]), 5)) for a, b in table[:m])
+    got = np.asarray(trajectory[0]["w"], np.float64)
+    assert sorted(tuple(np.round(row, 5)) for row in got) == want
+    # Each draw is a new permutation of the same pairs, the same on every run.
+    again, _ = _run(opt, params, [zeros, zeros])
+    np.testing.assert_array_equal(again[1]["w"], trajectory[1]["w"])
+
+
+def test_papa_pair_half_named_equals_stacked():
+    m = 5
+    params, grads = _random_params(m), _random_grads(4, m)
+
+    def make(axis_name):
+        return optax_wa.papa(
+            optax.sgd(0.1, momentum=0.9),
+            period=2,
+            combine="pair_half",
+            axis_name=axis_name,
+        )
+
+    stacked_opt = make(None)
+    stacked, _ = _run(stacked_opt, params, grads, update=jax.jit(stacked_opt.update))
+    named_opt = make("members")
+    step = jax.jit(jax.vmap(named_opt.update, axis_name="members"))
+    state, named = jax.vmap(named_opt.init)(params), params
+    for g in grads:
+        updates, state = step(g, state, named)
+        named = optax.apply_updates(named, updates)
+    chex.assert_trees_all_close(stacked[-1], named, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(stacked[-1]["w"][0], stacked[-1]["w"][1])
+
+
+def test_papa_all_is_lookaround():
+    params, grads = _random_params(4), _random_grads(6, 4)
+    inner = optax.sgd(0.1, momentum=0.9)
+    every = optax_wa.sync_schedule(3, steps_per_epoch=4)
+    papa_all, _ = _run(optax_wa.papa(inner, alpha=0.0, period=every), params, grads)
+    look, _ = _run(optax_wa.lookaround(inner, sync_period=every), params, grads)
+    for a, b in zip(papa_all, look):
+        chex.assert_trees_all_equal(a, b)
+
+
+def test_bad_combine_is_rejected():
+    with pytest.raises(ValueError, match="combine"):
+        optax_wa.papa(optax.sgd(0.1), combine="pair_75")
+
+
+# --- bfloat16: one rounding at a sync -----------------------------------------
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 64])
+@pytest.mark.parametrize("which", ["lookaround", "papa"])
+def test_bf16_sync_makes_members_bitwise_equal_to_the_rounded_mean(m, which):
+    key1, key2 = jax.random.split(jax.random.key(m))
+    params = {"w": jax.random.normal(key1, (m, 32, 8)).astype(jnp.bfloat16)}
+    grads = {"w": jax.random.normal(key2, (m, 32, 8)).astype(jnp.bfloat16)}
+    inner = optax.sgd(0.1)
+    if which == "lookaround":
+        opt = optax_wa.lookaround(inner, sync_period=1)
+    else:
+        opt = optax_wa.papa(inner, alpha=0.0, period=1)
+    # Eager, so that the inner update is rounded to bfloat16 as the reference's
+    # (under jit XLA may keep it in float32: excess precision).
+    updates, _ = opt.update(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)["w"]
+    assert new.dtype == jnp.bfloat16
+    per = members.per_member(inner)
+    inner_u, _ = per.update(grads, per.init(params))
+    exact = np.asarray(params["w"], np.float64) + np.asarray(inner_u["w"], np.float64)
+    want = jnp.asarray(exact.mean(0), jnp.float32).astype(jnp.bfloat16)
+    got = np.asarray(new).view(np.uint16)
+    assert (got == got[0]).all(), "members differ after a sync"
+    np.testing.assert_array_equal(got[0], np.asarray(want).view(np.uint16))
+    # Under jit too, members are bitwise equal.
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    jitted = np.asarray(optax.apply_updates(params, updates)["w"]).view(np.uint16)
+    assert (jitted == jitted[0]).all(), "members differ after a jitted sync"
 
 
 # --- stacked == named (vmap) == named (shard_map) ---------------------------
@@ -199,20 +472,6 @@ _FACTORIES = {
     ),
     "papa": lambda axis_name: optax_wa.papa(
         optax.adam(0.1), alpha=0.8, period=2, axis_name=axis_name
-    ),
-    "lookaround_select": lambda axis_name: optax_wa.lookaround(
-        optax.sgd(0.1, momentum=0.9),
-        sync_period=2,
-        axis_name=axis_name,
-        state_policy="average",
-        control_flow="select",
-    ),
-    "papa_select": lambda axis_name: optax_wa.papa(
-        optax.adam(0.1),
-        alpha=0.8,
-        period=2,
-        axis_name=axis_name,
-        control_flow="select",
     ),
 }
 
@@ -276,7 +535,7 @@ def test_stacked_equals_named_shard_map_two_members_per_device(name):
     chex.assert_trees_all_close(stacked, named, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["lookaround", "lookaround_select"])
+@pytest.mark.parametrize("name", ["lookaround", "papa"])
 def test_stacked_sharded_equals_unsharded(name):
     mesh = jax.make_mesh((8,), ("members",))
     params, grads = _random_params(8), _random_grads(5, 8)
@@ -348,77 +607,31 @@ def test_lookaround_inside_chain_as_last_element():
     np.testing.assert_allclose(trajectory[0]["w"], [-0.25, -0.25])
 
 
-# --- recompute: two ways to feed the averaging branch ------------------------
-
-_RECOMPUTE_FACTORIES = {
-    "lookaround_keep": lambda **kw: optax_wa.lookaround(
-        optax.adam(0.1), sync_period=3, **kw
-    ),
-    "lookaround_average": lambda **kw: optax_wa.lookaround(
-        optax.sgd(0.1, momentum=0.9), sync_period=2, state_policy="average", **kw
-    ),
-    "lookaround_reset": lambda **kw: optax_wa.lookaround(
-        optax.adam(0.1), sync_period=2, state_policy="reset", **kw
-    ),
-    "papa": lambda **kw: optax_wa.papa(optax.adam(0.1), alpha=0.7, period=3, **kw),
-}
-
-
-@pytest.mark.parametrize("name", sorted(_RECOMPUTE_FACTORIES))
-def test_recompute_true_equals_false(name):
-    params, grads = _random_params(3), _random_grads(7, 3)
-    runs = {}
-    for recompute in (True, False):
-        opt = _RECOMPUTE_FACTORIES[name](recompute=recompute)
-        runs[recompute] = _run(opt, params, grads, update=jax.jit(opt.update))
-    for a, b in zip(runs[True][0], runs[False][0]):
-        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("recompute", [True, False])
-def test_recompute_named_vmap_equals_stacked(recompute):
-    params, grads = _random_params(4), _random_grads(5, 4)
-
-    def make(axis_name):
-        return optax_wa.lookaround(
-            optax.adam(0.1), sync_period=2, axis_name=axis_name, recompute=recompute
-        )
-
-    stacked_opt = make(None)
-    stacked, _ = _run(stacked_opt, params, grads, update=jax.jit(stacked_opt.update))
-    named_opt = make("members")
-    step = jax.jit(jax.vmap(named_opt.update, axis_name="members"))
-    state, named = jax.vmap(named_opt.init)(params), params
-    for g in grads:
-        updates, state = step(g, state, named)
-        named = optax.apply_updates(named, updates)
-    chex.assert_trees_all_close(stacked[-1], named, rtol=1e-6, atol=1e-6)
+# --- one code path: the average under lax.cond --------------------------------
 
 
 @pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-@pytest.mark.parametrize("recompute", [None, True, False])
-def test_recompute_decides_how_often_a_costly_inner_update_runs(factory, recompute):
-    """The default runs an inner update that takes a callable (grad_fn) once."""
+def test_a_costly_inner_update_runs_once_and_the_sync_is_a_cond(factory):
+    """The inner update (here one that evaluates gradients) is traced once."""
     calls = []
 
     def grad_fn(p):
         calls.append(1)
         return jax.grad(lambda q: jnp.sum(q["w"] ** 2) + jnp.sum(q["b"] ** 2))(p)
 
-    opt = factory(optax_wa.ssam(optax.sgd(0.1), rho=0.05), recompute=recompute)
+    opt = factory(optax_wa.ssam(optax.sgd(0.1), rho=0.05), **_PERIOD_TWO[factory])
     params = _random_params(2)
-    jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, grad_fn=grad_fn))(
+    jaxpr = jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, grad_fn=grad_fn))(
         _random_grads(1, 2)[0], opt.init(params), params
     )
-    assert len(calls) == (2 if recompute else 1)
+    assert len(calls) == 1
+    assert "cond[" in str(jaxpr)
 
 
 @pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-@pytest.mark.parametrize("recompute", [True, False])
-def test_donated_inner_state_is_updated_in_place(factory, recompute):
+def test_donated_inner_state_is_updated_in_place(factory):
     """No copy of a parameter-sized buffer in the compiled, donated step."""
-    opt = factory(optax.sgd(0.1, momentum=0.9), recompute=recompute)
+    opt = factory(optax.sgd(0.1, momentum=0.9))
     params = {"w": jnp.ones((4, 64, 10)), "b": jnp.ones((4, 96))}
 
     def step(params, state, grads):
@@ -435,56 +648,15 @@ def test_donated_inner_state_is_updated_in_place(factory, recompute):
     assert not [s for s in copied_shapes if s.startswith("f32[4,")], copied_shapes
 
 
-@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-@pytest.mark.parametrize("value", [1, "yes", 0.0])
-def test_bad_recompute_is_rejected(factory, value):
-    with pytest.raises(ValueError, match="recompute"):
-        factory(optax.sgd(0.1), recompute=value)
-
-
 _PERIOD_TWO = {
     optax_wa.lookaround: {"sync_period": 2},
     optax_wa.papa: {"period": 2, "alpha": 0.5},
 }
 
 
-@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-def test_recompute_with_a_random_inner_optimizer_draws_the_same_noise(factory):
-    """The branch's rerun of a noisy inner update uses the same key as the step."""
-    inner = optax.chain(optax.add_noise(0.1, 0.0, seed=3), optax.sgd(0.1))
-    params, grads = _random_params(3), _random_grads(6, 3)
-    runs = {}
-    for recompute in (True, False):
-        opt = factory(inner, recompute=recompute, **_PERIOD_TWO[factory])
-        runs[recompute] = _run(opt, params, grads, update=jax.jit(opt.update))[0]
-    for a, b in zip(runs[True], runs[False]):
-        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
-    # The noise is really there: a noise-free run differs.
-    quiet = factory(optax.sgd(0.1), recompute=True, **_PERIOD_TWO[factory])
-    plain = _run(quiet, params, grads)[0]
-    assert float(jnp.abs(plain[-1]["w"] - runs[True][-1]["w"]).max()) > 1e-3
-
-
-# --- control_flow="select": the mean fused into every step, no lax.cond -----
-
-
-@pytest.mark.parametrize("name", sorted(_RECOMPUTE_FACTORIES))
-def test_select_equals_cond(name):
-    params, grads = _random_params(3), _random_grads(7, 3)
-    runs = {}
-    for flow in ("cond", "select"):
-        opt = _RECOMPUTE_FACTORIES[name](control_flow=flow)
-        runs[flow] = _run(opt, params, grads, update=jax.jit(opt.update))
-    for a, b in zip(runs["cond"][0], runs["select"][0]):
-        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(
-        runs["cond"][1], runs["select"][1], rtol=1e-6, atol=1e-6
-    )
-
-
-def test_select_papa_pull_is_exact():
+def test_papa_pull_waits_for_the_sync_step():
     alpha = 0.75
-    opt = optax_wa.papa(optax.sgd(0.0), alpha=alpha, period=2, control_flow="select")
+    opt = optax_wa.papa(optax.sgd(0.0), alpha=alpha, period=2)
     params = {"w": jnp.array([[0.0, 2.0], [4.0, 10.0]])}
     grads = [jax.tree.map(jnp.zeros_like, params)] * 2
     trajectory, _ = _run(opt, params, grads)
@@ -494,35 +666,146 @@ def test_select_papa_pull_is_exact():
     np.testing.assert_allclose(trajectory[1]["w"], want, rtol=1e-7)
 
 
+# --- optax conventions: inject_hyperparams, tree_map_params --------------------
+
+
+def test_inject_hyperparams_natural_forms_equal_plain():
+    params, grads = _random_params(3), _random_grads(6, 3)
+    inner = optax.sgd(0.1, momentum=0.9)
+    cases = [
+        (optax_wa.lookaround, dict(inner=inner, sync_period=5)),
+        (optax_wa.papa, dict(inner=inner, alpha=0.9)),
+        (optax_wa.papa, dict(inner=inner, alpha=0.5, period=2)),
+    ]
+    for factory, kwargs in cases:
+        plain = factory(**kwargs)
+        injected = optax.inject_hyperparams(factory)(**kwargs)
+        want, _ = _run(plain, params, grads, update=jax.jit(plain.update))
+        got, state = _run(injected, params, grads, update=jax.jit(injected.update))
+        for a, b in zip(want, got):
+            chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+    # The injected period is a live hyperparameter.
+    opt = optax.inject_hyperparams(optax_wa.lookaround)(inner=inner, sync_period=5)
+    state = opt.init(params)
+    state.hyperparams["sync_period"] = jnp.asarray(1)
+    updates, _ = jax.jit(opt.update)(grads[0], state, params)
+    new = optax.apply_updates(params, updates)
+    chex.assert_trees_all_close(new, members.member_mean(new), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value, same_as", [(1.7, 1.0), (-0.4, 0.0)])
+def test_alpha_outside_unit_interval_at_run_time_is_clipped(value, same_as):
+    params, grads = _random_params(3), _random_grads(4, 3)
+    inner = optax.sgd(0.1)
+    scheduled = optax_wa.papa(inner, alpha=lambda count: value, period=2)
+    got, _ = _run(scheduled, params, grads, update=jax.jit(scheduled.update))
+    want, _ = _run(optax_wa.papa(inner, alpha=same_as, period=2), params, grads)
+    chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-6, atol=1e-6)
+    injected = optax.inject_hyperparams(optax_wa.papa)(inner=inner, alpha=0.5, period=2)
+    state = injected.init(params)
+    state.hyperparams["alpha"] = jnp.asarray(value)
+    p = params
+    for g in grads:
+        updates, state = jax.jit(injected.update)(g, state, p)
+        state.hyperparams["alpha"] = jnp.asarray(value)
+        p = optax.apply_updates(p, updates)
+    chex.assert_trees_all_close(p, want[-1], rtol=1e-6, atol=1e-6)
+    assert float(optax_wa.sync_weight(value, 2, 2)) == same_as
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: optax_wa.lookaround(optax.adam(0.1), sync_period=2),
+        lambda: optax_wa.papa(optax.sgd(0.1, momentum=0.9), alpha=0.8),
+        lambda: members.per_member(optax.adam(0.1)),
+    ],
+)
+def test_tree_map_params_builds_a_sharding_tree_for_the_state(factory):
+    opt = factory()
+    mesh = jax.make_mesh((8,), ("members",))
+    params = _random_params(8)
+    state = opt.init(params)
+    split = jax.sharding.NamedSharding(mesh, P("members"))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    param_shardings = jax.tree.map(lambda _: split, params)
+    shardings = optax.tree_utils.tree_map_params(
+        opt,
+        lambda _, sharding: sharding,
+        state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    placed = jax.device_put(state, shardings)
+    chex.assert_trees_all_equal(placed, state)
+    # Param-shaped leaves (momentum, Adam moments) got the params' sharding.
+    moments = [
+        leaf for leaf in jax.tree.leaves(placed) if leaf.shape in {(8, 3, 2), (8, 2)}
+    ]
+    assert moments and all(leaf.sharding == split for leaf in moments)
+    counts = [leaf for leaf in jax.tree.leaves(placed) if leaf.ndim <= 1]
+    assert counts and all(leaf.sharding == replicated for leaf in counts)
+
+
 @pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-def test_select_has_no_control_flow_and_runs_the_inner_update_once(factory):
-    calls = []
+def test_integer_params_are_rejected(factory):
+    opt = factory(optax.sgd(0.1))
+    params = {"w": jnp.array([[1.0], [2.0]]), "n": jnp.array([[1], [2]], jnp.int32)}
+    with pytest.raises(TypeError, match=r"\['n'\].*int32"):
+        opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
 
-    def grad_fn(p):
-        calls.append(1)
-        return jax.grad(lambda q: jnp.sum(q["w"] ** 2) + jnp.sum(q["b"] ** 2))(p)
 
-    opt = factory(
-        optax_wa.ssam(optax.sgd(0.1), rho=0.05),
-        control_flow="select",
-        **_PERIOD_TWO[factory],
+@pytest.mark.parametrize("value", [0, "5", 2.5, True, (2,)])
+def test_bad_sync_period_names_the_argument(value):
+    with pytest.raises(ValueError, match="sync_period"):
+        optax_wa.lookaround(optax.sgd(0.1), sync_period=value)
+
+
+def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_params():
+    from examples.cifar.configs import default
+    from examples.common import methods
+
+    config = default.get_config()
+    config.method = "papa"
+    config.optimizer.warmup_steps = 3  # lr(0) = 0
+    config.papa.period = 2
+    method = methods.parse_method("papa")
+    schedule = methods.learning_rate_schedule(config, total_steps=12)
+    assert float(schedule(0)) == 0.0
+    tx = methods.make_optimizer(config, method, schedule, steps_per_epoch=5)
+    sync = methods.model_state_sync(config, method, schedule, steps_per_epoch=5)
+    params, grads = _random_params(3), _random_grads(12, 3)
+    stats = {"mean": jax.random.normal(jax.random.key(9), (3, 2))}
+    state = tx.init(params)
+    for g in grads:
+        updates, state = jax.jit(tx.update)(g, state, params)
+        params = optax.apply_updates(params, updates)
+        before = stats
+        stats = jax.jit(sync)(stats, state.count)
+        chex.assert_tree_all_finite((params, stats))
+        c = int(state.count)
+        pulled = (c - 1) % 5 % 2 == 0  # after updates 1, 3, 5 of every epoch
+        lr_next = float(schedule(c))
+        a = 1 - lr_next / config.optimizer.learning_rate * (1 - config.papa.alpha)
+        want = (
+            before["mean"]
+            if not pulled
+            else (a * before["mean"] + (1 - a) * before["mean"].mean(0))
+        )
+        np.testing.assert_allclose(stats["mean"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_inject_hyperparams_with_a_sync_schedule_needs_static_args():
+    inner = optax.sgd(0.1)
+    every = optax_wa.sync_schedule(2, steps_per_epoch=3)
+    params, grads = _random_params(3), _random_grads(5, 3)
+    with pytest.raises(ValueError, match="static_args"):
+        optax.inject_hyperparams(optax_wa.papa)(inner=inner, period=every).init(params)
+    injected = optax.inject_hyperparams(optax_wa.papa, static_args="period")(
+        inner=inner, alpha=0.5, period=every
     )
-    params = _random_params(2)
-    jaxpr = jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, grad_fn=grad_fn))(
-        _random_grads(1, 2)[0], opt.init(params), params
-    )
-    assert len(calls) == 1
-    assert "cond[" not in str(jaxpr)
-    cond_opt = factory(optax.sgd(0.1), **_PERIOD_TWO[factory])
-    cond_jaxpr = jax.make_jaxpr(cond_opt.update)(
-        _random_grads(1, 2)[0], cond_opt.init(params), params
-    )
-    assert "cond[" in str(cond_jaxpr)  # the check above can fail
-
-
-@pytest.mark.parametrize("factory", [optax_wa.lookaround, optax_wa.papa])
-def test_bad_control_flow_is_rejected(factory):
-    with pytest.raises(ValueError, match="control_flow"):
-        factory(optax.sgd(0.1), control_flow="while")
-    with pytest.raises(ValueError, match="recompute"):
-        factory(optax.sgd(0.1), control_flow="select", recompute=True)
+    plain = optax_wa.papa(inner, alpha=0.5, period=every)
+    want, _ = _run(plain, params, grads)
+    got, _ = _run(injected, params, grads, update=jax.jit(injected.update))
+    for a, b in zip(want, got):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)

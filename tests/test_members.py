@@ -131,3 +131,59 @@ def test_per_member_does_not_mix_members():
     grads = {"w": jnp.array([[0.3, 0.4], [300.0, 400.0]])}
     updates, _ = opt.update(grads, opt.init(grads), grads)
     np.testing.assert_allclose(updates["w"], [[0.3, 0.4], [0.6, 0.8]], rtol=1e-6)
+
+
+def test_average_and_reduced_mean_named_equal_stacked():
+    tree = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(4))
+    stacked = members.average_members(tree)
+    named = jax.vmap(lambda t: members.average_members(t, "m"), axis_name="m")(tree)
+    for k in tree:
+        np.testing.assert_array_equal(named[k][0], stacked[k])  # same on every member
+        assert stacked[k].dtype == jnp.bfloat16
+    reduced = members.reduced_member_mean(tree)
+    for k in tree:
+        assert reduced[k].dtype == jnp.float32
+        want = np.asarray(tree[k], np.float64).mean(0)
+        np.testing.assert_allclose(reduced[k], want, rtol=1e-6, atol=1e-6)
+        # average_members is the reduced mean rounded once to the leaf's dtype.
+        np.testing.assert_array_equal(
+            np.asarray(stacked[k], np.float32),
+            np.asarray(reduced[k].astype(jnp.bfloat16), np.float32),
+        )
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        members.average_members,
+        members.member_mean,
+        members.reduced_member_mean,
+        lambda t: members.pull_to_mean(t, 0.5),
+        lambda t: members.pair_mean(t, jnp.array([[0, 1], [0, 1]])),
+    ],
+)
+def test_member_means_reject_integer_leaves(fn):
+    # The truncated mean of 1 and 2 would be 1.
+    tree = {"w": jnp.array([[1.5], [2.5]]), "n": jnp.array([[1], [2]], jnp.int32)}
+    with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+        fn(tree)
+
+
+def test_pair_mean_closed_form_and_named_equals_stacked():
+    tree = _tree(4)
+    pairs = jnp.array([[0, 1], [2, 3], [1, 3], [0, 2]])
+    got = members.pair_mean(tree, pairs)
+    w = np.asarray(tree["w"], np.float64)
+    for i, (a, b) in enumerate(np.asarray(pairs)):
+        np.testing.assert_allclose(got["w"][i], 0.5 * (w[a] + w[b]), rtol=1e-6)
+    named = jax.vmap(lambda t: members.pair_mean(t, pairs, "m"), axis_name="m")(tree)
+    chex.assert_trees_all_close(got, named, rtol=1e-6, atol=1e-7)
+
+
+def test_per_member_init_on_an_empty_tree():
+    import optax
+
+    # tree_map_params inits with a leafless placeholder; an empty tree works too.
+    opt = members.per_member(optax.adam(0.1))
+    state = opt.init({})
+    assert jax.tree.leaves(state)  # the inner counter

@@ -127,8 +127,29 @@ def base_optimizer(config, method: Method, schedule) -> optax.GradientTransforma
     return optax.chain(*parts)
 
 
+def papa_alpha_and_period(config, schedule, steps_per_epoch: int | None):
+    """PAPA's pull weight and sync schedule as the released code sets them.
+
+    The pull follows the 1st, (k+1)-th, (2k+1)-th… update of every epoch
+    (``steps_per_epoch`` given; else every k-th update of the run); with
+    ``config.papa.lr_scaled`` the weight scales with the next update's rate over
+    the configured base rate (never ``schedule(0)``, which a warmup makes 0).
+    """
+    alpha = config.papa.alpha
+    if config.papa.lr_scaled:
+        alpha = optax_wa.papa_lr_scaled_alpha(
+            alpha, schedule, config.optimizer.learning_rate
+        )
+    period = optax_wa.sync_schedule(config.papa.period, steps_per_epoch=steps_per_epoch)
+    return alpha, period
+
+
 def make_optimizer(
-    config, method: Method, schedule, depth_order: Callable | None = None
+    config,
+    method: Method,
+    schedule,
+    depth_order: Callable | None = None,
+    steps_per_epoch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The stacked-mode optimizer of the whole ensemble.
 
@@ -138,6 +159,7 @@ def make_optimizer(
       schedule: the learning-rate schedule.
       depth_order: ``(path, leaf) -> depth`` of the params, for WASH's
         ``layer_probs="linear"``.
+      steps_per_epoch: updates per epoch, for PAPA's per-epoch pull schedule.
     """
     inner = base_optimizer(config, method, schedule)
     if method.averaging == "lookahead":
@@ -154,10 +176,8 @@ def make_optimizer(
             state_policy=config.lookaround.state_policy,
         )
     if method.averaging == "papa":
-        alpha = config.papa.alpha
-        if config.papa.lr_scaled:
-            alpha = optax_wa.papa_lr_scaled_alpha(alpha, schedule)
-        return optax_wa.papa(inner, alpha=alpha, period=config.papa.period)
+        alpha, period = papa_alpha_and_period(config, schedule, steps_per_epoch)
+        return optax_wa.papa(inner, alpha=alpha, period=period)
     if method.averaging == "wash":
         wash = config.wash
         return optax_wa.wash(
@@ -227,19 +247,23 @@ def default_same_init(method: Method) -> bool:
     return method.averaging in ("lookaround", "wash")
 
 
-def model_state_sync(config, method: Method, schedule) -> Callable | None:
+def model_state_sync(
+    config, method: Method, schedule, steps_per_epoch: int | None = None
+) -> Callable | None:
     """What happens to the members' BatchNorm statistics at averaging steps.
 
     With ``config.bn_sync == "average"`` (default): at every Lookaround sync
     the members' running statistics are replaced by their mean, and at every
-    PAPA pull they are pulled toward it with the same ``alpha`` (the released
-    Lookaround code shares one set of buffers across its heads; PAPA averages
-    buffers like weights). WASH and ``"none"`` leave them per member; the
-    averaged model is evaluated after recalibration in every case.
+    PAPA pull they are pulled toward it with the same weight (the released
+    Lookaround code shares one set of buffers across its heads; the released
+    PAPA code mixes the whole state dict). The steps and weights come from
+    :func:`optax_wa.sync_weight` with the optimizer's own schedule, so they are
+    the optimizer's. WASH and ``"none"`` leave them per member; the averaged
+    model is evaluated after recalibration in every case.
 
     Returns:
-      ``None``, or ``sync(model_state, step) -> model_state`` to call with the
-      step count after the update (a traced int).
+      ``None``, or ``sync(model_state, count) -> model_state`` to call with the
+      number of updates done (a traced int).
     """
     if config.bn_sync not in ("average", "none"):
         raise ValueError(
@@ -248,25 +272,16 @@ def model_state_sync(config, method: Method, schedule) -> Callable | None:
     if config.bn_sync == "none" or method.averaging not in ("lookaround", "papa"):
         return None
     if method.averaging == "lookaround":
-        period = config.lookaround.sync_period
-
-        def transform(model_state, step):
-            return members.member_mean(model_state)
-
+        alpha, period = 0.0, config.lookaround.sync_period
     else:
-        period = config.papa.period
-        alpha = config.papa.alpha
-        if config.papa.lr_scaled:
-            alpha = optax_wa.papa_lr_scaled_alpha(alpha, schedule)
+        alpha, period = papa_alpha_and_period(config, schedule, steps_per_epoch)
 
-        def transform(model_state, step):
-            alpha_t = alpha(step - 1) if callable(alpha) else alpha
-            return members.pull_to_mean(model_state, alpha_t)
-
-    def sync(model_state, step):
+    def sync(model_state, count):
         return jax.lax.cond(
-            step % period == 0,
-            lambda s: transform(s, step),
+            optax_wa.is_sync_step(period, count),
+            lambda s: members.pull_to_mean(
+                s, optax_wa.sync_weight(alpha, period, count)
+            ),
             lambda s: s,
             model_state,
         )

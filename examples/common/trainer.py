@@ -198,6 +198,7 @@ class Setup:
     num_members: int
     total_steps: int
     state_shardings: Any = None
+    steps_per_epoch: int | None = None  # updates per epoch (PAPA's pull schedule)
 
 
 def _normalize(config, images):
@@ -236,7 +237,8 @@ def make_setup(config, create_model, image_shape, num_train_examples) -> Setup:
     depth_order = None
     if method.averaging == "wash" and config.wash.layer_probs == "linear":
         depth_order = execution_depth_order(fns, image_shape)
-    tx = methods.make_optimizer(config, method, schedule, depth_order)
+    steps_per_epoch = max(int(num_train_examples) // int(config.batch_size), 1)
+    tx = methods.make_optimizer(config, method, schedule, depth_order, steps_per_epoch)
     return Setup(
         config=config,
         method=method,
@@ -247,6 +249,7 @@ def make_setup(config, create_model, image_shape, num_train_examples) -> Setup:
         schedule=schedule,
         num_members=num_members,
         total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -292,7 +295,9 @@ def make_train_step(setup: Setup) -> Callable:
     ``P("members", "data")``; ``labels``: ``(B,)`` int32, ``P("data")``.
     """
     config, fns, view, tx = setup.config, setup.fns, setup.view, setup.tx
-    sync = methods.model_state_sync(config, setup.method, setup.schedule)
+    sync = methods.model_state_sync(
+        config, setup.method, setup.schedule, setup.steps_per_epoch
+    )
 
     def loss_fn(params, model_state, images, targets):
         logits, new_state = fns.apply(params, model_state, images, train=True)

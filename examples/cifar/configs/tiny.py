@@ -24,7 +24,9 @@ def get_config():
     config.checkpoint_every_steps = 2
     config.progress_bar = False
     config.lookaround.sync_period = 2
-    config.papa.period = 2
+    # PAPA pulls after the 1st, (k+1)-th… update of every epoch: with k = 1
+    # the two steps both pull (step 2 is a sync, as for Lookaround's k = 2).
+    config.papa.period = 1
     config.lookahead.sync_period = 2
     config.wash.shuffle_prob = 0.5
     return config
