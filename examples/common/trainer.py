@@ -646,6 +646,10 @@ def _move_unreadable(manager, steps, warn) -> None:
     manager.reload()
 
 
+# What the train step checks for finiteness, in the order a message names them.
+_CHECKED = ("train/loss", "params", "model_state", "opt_state")
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss, parameter or state value."""
 
@@ -658,8 +662,8 @@ def check_finite(step: int, finite: dict[str, Any], manager) -> None:
       finite: the train step's ``{name: bool scalar}`` (``True``: all finite).
       manager: the checkpoint manager, to name the last good checkpoint.
     """
-    values = jax.device_get(finite)
-    bad = [name for name in finite if not bool(values[name])]
+    values = jax.device_get(finite)  # a dict comes back with sorted keys
+    bad = [name for name in _CHECKED if name in values and not bool(values[name])]
     if bad:
         manager.wait_until_finished()
         last = manager.latest_step()
