@@ -194,7 +194,6 @@ def test_a_non_finite_state_stops_training_and_keeps_the_last_checkpoint(
     assert _checkpoint_steps(tmp_path) == ["1"]  # nothing of step 2 was saved
     assert [r["step"] for r in _records(tmp_path)] == [1]
     assert np.isfinite(_records(tmp_path)[0]["train/loss"])
-    assert "error: training stopped at step 2" in capsys.readouterr().out
 
     # The kept checkpoint restores, and holds a finite state (params ~1e29).
     state, _ = _run(_sgd_config(steps=1), tmp_path)

@@ -846,9 +846,6 @@ def train_and_evaluate(
                     writer.write(step, record)
                 if save:
                     save_checkpoint(manager, state, train_iter)
-    except NonFiniteError as e:
-        writer.print(f"error: {e}")
-        raise
     finally:
         if progress is not None:
             progress.close()
