@@ -582,7 +582,9 @@ def restore_checkpoint(
     is reported through ``warn``, naming its directory and the error. Once an
     earlier one restores, the unreadable newer ones are moved to
     ``checkpoints_unreadable/`` next to the checkpoints (kept for inspection,
-    and out of the way of the steps that will be saved again).
+    and out of the way of the steps that will be saved again). With several
+    processes the checkpoints must be on a file system they share, so that
+    every process sees the same failures and falls back to the same step.
 
     Returns:
       The restored state, or ``None`` when there is no checkpoint.
