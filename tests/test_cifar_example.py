@@ -9,7 +9,11 @@ command that prepares it.
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import chex
@@ -51,6 +55,11 @@ def _run(config, workdir):
         return train.train_and_evaluate(config, str(workdir))
 
 
+def _records(workdir) -> list[dict]:
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def _members_close(tree) -> bool:
     """Whether member 0 and member 1 agree (to float32 rounding of ``p + (a - p)``)."""
     return all(
@@ -75,8 +84,13 @@ def test_method_trains_two_steps_with_sharded_members(method, tmp_path):
         assert leaf.sharding.mesh.shape["members"] == 2
     chex.assert_tree_all_finite(state.params)
     for name in ("member_0", "member_1", "ensemble", "average"):
-        assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
+        # A fraction of the 16 mock evaluation records (none counted twice or lost).
+        correct = metrics[f"eval/{name}/accuracy"] * 16
+        assert correct == pytest.approx(round(correct), abs=1e-4)
         assert np.isfinite(metrics[f"eval/{name}/loss"])
+    assert metrics["eval/member_mean/accuracy"] == pytest.approx(
+        (metrics["eval/member_0/accuracy"] + metrics["eval/member_1/accuracy"]) / 2
+    )
 
     parsed = methods.parse_method(method)
     if parsed.averaging in ("lookaround", "papa"):
@@ -95,8 +109,39 @@ def test_method_trains_two_steps_with_sharded_members(method, tmp_path):
     else:
         assert not _members_close(state.params)  # independent (or shuffled) members
 
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3  # train metrics at steps 1 and 2, evaluation at step 2
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]  # one line per logged step
+    assert "eval/average/accuracy" not in records[0]
+    assert records[1]["eval/average/accuracy"] == metrics["eval/average/accuracy"]
+    assert np.isfinite(records[1]["train/loss"])
+
+
+def test_a_short_run_on_digits_learns_well_above_chance(tmp_path):
+    from examples.cifar.configs import digits
+
+    config = digits.get_config()  # ResNet 8-16-32 on scikit-learn's digits
+    config.method = "adamw"
+    config.num_members = 1
+    config.optimizer.learning_rate = 0.01
+    config.optimizer.schedule = "constant"
+    config.optimizer.weight_decay = 0.0
+    config.member_augment = ("crop_flip",)
+    config.batch_size = 32
+    config.num_train_steps = 40  # 1280 of the 1437 training records
+    config.recalibration_batches = 2
+    config.log_every_steps = 20
+    config.progress_bar = False
+    state, metrics = train.train_and_evaluate(config, str(tmp_path))
+
+    assert int(state.step) == 40
+    # 10 classes: chance is 0.1 on the 360 held-out digits. The weight
+    # "average" of one member is that member with BatchNorm statistics
+    # recalibrated on training batches; the member itself is evaluated with
+    # its running statistics, which lag behind the fast-moving weights.
+    assert metrics["eval/average/accuracy"] >= 0.5
+    assert metrics["eval/member_0/accuracy"] >= 0.2
+    losses = [r["train/loss"] for r in _records(tmp_path)]
+    assert len(losses) == 2 and losses[1] < np.log(10) - 0.5
 
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
@@ -119,6 +164,208 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert int(first.step) == 2 and int(resumed.step) == 4
     chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(uninterrupted))
     assert not _members_close(first.params)
+
+
+def _checkpoint_steps(workdir) -> list[str]:
+    return sorted(os.listdir(pathlib.Path(workdir) / "checkpoints"))
+
+
+def _sgd_config(steps, learning_rate=0.1):
+    c = tiny.get_config()
+    c.method = "sgd"
+    c.optimizer.schedule = "constant"
+    c.optimizer.learning_rate = learning_rate
+    c.num_train_steps = steps
+    c.checkpoint_every_steps = 1
+    c.eval_every_steps = 100
+    return c
+
+
+def test_a_non_finite_state_stops_training_and_keeps_the_last_checkpoint(
+    tmp_path, capsys
+):
+    # lr 1e30: step 1 moves the params to ~1e29, step 2 overflows them.
+    config = _sgd_config(steps=4, learning_rate=1e30)
+    with pytest.raises(trainer.NonFiniteError) as error:
+        _run(config, tmp_path)
+    message = str(error.value)
+    assert message.startswith("training stopped at step 2: non-finite params")
+    assert "the last checkpoint, step 1 in" in message
+    assert _checkpoint_steps(tmp_path) == ["1"]  # nothing of step 2 was saved
+    assert [r["step"] for r in _records(tmp_path)] == [1]
+    assert np.isfinite(_records(tmp_path)[0]["train/loss"])
+
+    # The kept checkpoint restores, and holds a finite state (params ~1e29).
+    state, _ = _run(_sgd_config(steps=1), tmp_path)
+    assert "resumed from step 1" in capsys.readouterr().out
+    assert int(state.step) == 1
+    chex.assert_tree_all_finite(state)
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(state.params)) > 1e20
+
+
+def test_a_non_finite_loss_at_the_first_step_names_the_loss(tmp_path):
+    config = _sgd_config(steps=2)
+    config.label_smoothing = float("nan")  # NaN targets: a NaN loss at step 1
+    with pytest.raises(trainer.NonFiniteError) as error:
+        _run(config, tmp_path)
+    message = str(error.value)
+    assert message.startswith("training stopped at step 1: non-finite train/loss")
+    assert message.endswith("there is no checkpoint.")
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A workdir after 2 steps with checkpoints at steps 1 and 2."""
+    workdir = tmp_path_factory.mktemp("two_checkpoints")
+    state, _ = _run(_sgd_config(steps=2), workdir)
+    assert _checkpoint_steps(workdir) == ["1", "2"]
+    return workdir, jax.device_get(state)
+
+
+def _truncate_array_data(step_dir):
+    files = list((step_dir / "state" / "d").iterdir())
+    assert files  # orbax's OCDBT data files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _remove_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+def _garble_iterator_state(step_dir):
+    (step_dir / "data" / "process_0-of-1.json").write_text('{"version": 2, "last_se')
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_truncate_array_data, _remove_metadata, _garble_iterator_state]
+)
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
+    corrupt, two_checkpoints, tmp_path, capsys
+):
+    source, state_2 = two_checkpoints
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = (workdir / "metrics.jsonl").read_text().splitlines()
+    corrupt(workdir / "checkpoints" / "2")
+
+    state, _ = _run(_sgd_config(steps=3), workdir)
+
+    out = capsys.readouterr().out
+    bad = workdir / "checkpoints" / "2"
+    assert f"warning: checkpoint {bad} cannot be restored" in out
+    assert "resumed from step 1" in out
+    assert (workdir / "checkpoints_unreadable" / "2").is_dir()  # kept aside
+    assert _checkpoint_steps(workdir) == ["2", "3"]  # step 2 saved again
+    assert int(state.step) == 3
+    # Step 2 was trained again from step 1's state and data position: its
+    # train loss is the first run's, and the step is logged once.
+    after = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert after[0] == before[0]  # appended: the kept line is untouched
+    records = [json.loads(line) for line in after]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[1]["train/loss"] == json.loads(before[1])["train/loss"]
+
+
+def test_all_checkpoints_unreadable_raises_and_moves_nothing(two_checkpoints, tmp_path):
+    source, _ = two_checkpoints
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    for step in ("1", "2"):
+        _remove_metadata(workdir / "checkpoints" / step)
+    with pytest.raises(RuntimeError, match=r"none of the checkpoints \[2, 1\]"):
+        _run(_sgd_config(steps=3), workdir)
+    assert _checkpoint_steps(workdir) == ["1", "2"]
+    assert not (workdir / "checkpoints_unreadable").exists()
+
+
+def test_metric_writer_appends_and_drops_steps_after_the_resumed_one(tmp_path):
+    writer = trainer.MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write(step, {"train/loss": step / 3})
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"step": 6, "train/lo')  # a line cut off by a kill
+    kept = path.read_text().splitlines()[:3]
+
+    writer = trainer.MetricWriter(str(tmp_path))  # a run resumed from step 3
+    writer.resume(3)
+    assert path.read_text().splitlines() == kept
+    writer.write(4, {"train/loss": 0.5})
+    lines = path.read_text().splitlines()
+    assert lines[:3] == kept
+    assert json.loads(lines[3]) == {"step": 4, "train/loss": 0.5}
+    assert [json.loads(line)["train/loss"] for line in kept] == [1 / 3, 2 / 3, 1.0]
+
+
+def _main(workdir, *flags, cache_dir, timeout=300):
+    """``python -m examples.cifar.main`` with the tiny config on digits, in a new process."""
+    env = dict(os.environ)  # the suite's 8 fake CPU devices
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    command = [
+        sys.executable,
+        "-m",
+        "examples.cifar.main",
+        f"--workdir={workdir}",
+        "--config=examples/cifar/configs/tiny.py",
+        "--config.dataset=digits",
+        *flags,
+    ]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _final_params(workdir) -> list[np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    step = max(int(s) for s in _checkpoint_steps(workdir))
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    restored = ocp.StandardCheckpointer().restore(path)
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def test_two_processes_with_one_seed_train_bit_for_bit_alike(tmp_path):
+    # WASH shuffles with JAX keys, the members augment with grain's per-record
+    # generators (crop_flip and AutoAugment): every source of randomness is seeded.
+    flags = ("--config.method=wash", "--config.num_train_steps=3")
+    runs = [_main(tmp_path / f"run{i}", *flags, cache_dir=tmp_path) for i in (0, 1)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    def losses(workdir):
+        records = _records(workdir)
+        assert [r["step"] for r in records] == [1, 2, 3]
+        return [
+            {k: v for k, v in r.items() if k != "train/steps_per_second"}
+            for r in records
+        ]
+
+    assert losses(tmp_path / "run0") == losses(tmp_path / "run1")  # exact floats
+    first, second = _final_params(tmp_path / "run0"), _final_params(tmp_path / "run1")
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(first[0][0], first[0][1])  # members differ
+
+
+def test_main_exits_non_zero_naming_the_step_of_a_non_finite_state(tmp_path):
+    run = _main(
+        tmp_path / "run",
+        "--config.method=sgd",
+        "--config.optimizer.schedule=constant",
+        "--config.optimizer.learning_rate=1e30",
+        "--config.num_train_steps=4",
+        "--config.checkpoint_every_steps=1",
+        cache_dir=tmp_path,
+    )
+    assert run.returncode == 1
+    assert "error: training stopped at step 2: non-finite params" in run.stderr
+    assert _checkpoint_steps(tmp_path / "run") == ["1"]
 
 
 def test_missing_dataset_names_the_preparation_command(tmp_path):

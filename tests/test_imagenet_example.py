@@ -7,6 +7,7 @@ AdamW members of Lookaround with RandAugment views) on
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -39,8 +40,19 @@ def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path):
     chex.assert_tree_all_finite(state.params)
     assert jax.tree.leaves(state.model_state) == []  # the ViT has no BatchNorm
     for name in ("member_0", "member_1", "ensemble", "average"):
-        assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
+        # A fraction of the 16 mock evaluation records (none counted twice or lost).
+        correct = metrics[f"eval/{name}/accuracy"] * 16
+        assert correct == pytest.approx(round(correct), abs=1e-4)
         assert np.isfinite(metrics[f"eval/{name}/loss"])
+    assert metrics["eval/member_mean/accuracy"] == pytest.approx(
+        (metrics["eval/member_0/accuracy"] + metrics["eval/member_1/accuracy"]) / 2
+    )
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1]  # train and evaluation in one line
+    assert records[0]["eval/ensemble/loss"] == metrics["eval/ensemble/loss"]
     # Step 1 is not a Lookaround sync (period 5): members that started from one
     # point moved apart (each trained on its own RandAugment views).
     params = jax.device_get(state.params)

@@ -1,7 +1,13 @@
-"""The command line shared by the trainers' ``main.py`` (absl + ml_collections)."""
+"""The command line shared by the trainers' ``main.py`` (absl + ml_collections).
+
+A run that stops on a non-finite loss or state (``FloatingPointError``, see
+:class:`examples.common.trainer.NonFiniteError`) exits with status 1 and its
+message, which names the step, on stderr.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -37,6 +43,9 @@ def run(train_and_evaluate: Callable) -> None:
             jax.local_device_count(),
             jax.device_count(),
         )
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        try:
+            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except FloatingPointError as e:  # a non-finite loss or state: exit 1
+            sys.exit(f"error: {e}")
 
     app.run(main)

@@ -288,11 +288,20 @@ def init_state(setup: Setup, key: jax.Array) -> TrainState:
     return state
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every value of every leaf is finite (``True`` for an empty tree)."""
+    flags = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 def make_train_step(setup: Setup) -> Callable:
-    """The jitted ``(state, images, labels) -> (state, metrics)``, state donated.
+    """The jitted ``(state, images, labels) -> (state, metrics, finite)``, state donated.
 
     ``images``: ``(M, B, H, W, 3)`` uint8, one view per member, sharded
     ``P("members", "data")``; ``labels``: ``(B,)`` int32, ``P("data")``.
+    ``finite`` maps ``"train/loss"``, ``"params"``, ``"model_state"`` and
+    ``"opt_state"`` to a boolean scalar: whether all its values are finite
+    after the step (checked by the loop, see :func:`check_finite`).
     """
     config, fns, view, tx = setup.config, setup.fns, setup.view, setup.tx
     sync = methods.model_state_sync(
@@ -328,7 +337,14 @@ def make_train_step(setup: Setup) -> Callable:
             "train/accuracy": (logits.argmax(-1) == labels).mean(),
             "train/learning_rate": jnp.asarray(setup.schedule(state.step), jnp.float32),
         }
-        return TrainState(step_count, params, model_state, opt_state), metrics
+        finite = {
+            "train/loss": jnp.isfinite(loss).all(),
+            "params": _all_finite(params),
+            "model_state": _all_finite(model_state),
+            "opt_state": _all_finite(opt_state),
+        }
+        new_state = TrainState(step_count, params, model_state, opt_state)
+        return new_state, metrics, finite
 
     mesh = setup.mesh
     replicated = NamedSharding(mesh, P())
@@ -339,7 +355,7 @@ def make_train_step(setup: Setup) -> Callable:
             NamedSharding(mesh, P("members", "data")),
             NamedSharding(mesh, P("data")),
         ),
-        out_shardings=(setup.state_shardings, replicated),
+        out_shardings=(setup.state_shardings, replicated, replicated),
         donate_argnums=0,
     )
 
@@ -474,19 +490,19 @@ def _workdir(workdir: str) -> epath.Path:
 class MetricWriter:
     """Writes metrics (process 0 only) to ``workdir/metrics.jsonl`` and TensorBoard.
 
-    The JSON-lines file is rewritten whole at every write, so that it also
-    works on object stores without append (``gs://``).
+    ``metrics.jsonl`` holds one JSON object per logged step (the train and
+    evaluation metrics of a step together), appended line by line, so the
+    workdir must be on a file system with append. :meth:`resume` first drops
+    the lines of steps after the one a run resumes from (they are logged
+    again), so that every step appears once.
     """
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.path = _workdir(workdir) / "metrics.jsonl"
-        self.lines: list[str] = []
         self.tensorboard = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():  # a resumed run keeps the earlier lines
-                self.lines = self.path.read_text().splitlines()
             try:
                 from tensorboardX import SummaryWriter
 
@@ -494,11 +510,21 @@ class MetricWriter:
             except ImportError:
                 pass
 
+    def resume(self, step: int) -> None:
+        """Keeps the lines of steps ``<= step`` (and drops a partly written last line)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        steps = [_line_step(line) for line in lines]
+        kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.lines.append(json.dumps({"step": step, **metrics}))
-        self.path.write_text("\n".join(self.lines) + "\n")
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(name, value, step)
@@ -509,6 +535,14 @@ class MetricWriter:
             from tqdm import tqdm
 
             tqdm.write(message)  # above the progress bar, if there is one
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; ``None`` for a partly written line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _summary(metrics: dict[str, float], num_members: int) -> str:
@@ -543,19 +577,112 @@ def save_checkpoint(manager, state: TrainState, train_iter) -> None:
     )
 
 
-def restore_checkpoint(manager, state: TrainState, train_iter) -> TrainState:
-    """Restores the latest checkpoint into ``state``'s shardings (and ``train_iter``)."""
+def restore_checkpoint(
+    manager, state: TrainState, train_iter, warn: Callable[[str], None] = print
+) -> TrainState | None:
+    """Restores the newest readable checkpoint into ``state``'s shardings (and ``train_iter``).
+
+    Tries the steps from the latest down. A checkpoint that fails to restore
+    (truncated array data, missing metadata, a garbled iterator state, ...)
+    is reported through ``warn``, naming its directory and the error. Once an
+    earlier one restores, the unreadable newer ones are moved to
+    ``checkpoints_unreadable/`` next to the checkpoints (kept for inspection,
+    and out of the way of the steps that will be saved again). With several
+    processes the checkpoints must be on a file system they share, so that
+    every process sees the same failures and falls back to the same step.
+
+    Returns:
+      The restored state, or ``None`` when there is no checkpoint.
+
+    Raises:
+      RuntimeError: when there are checkpoints and none restores (e.g. a
+        config that changed the model): nothing is moved then.
+    """
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = manager.restore(
-        manager.latest_step(),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(train_iter),
-        ),
-    )
-    return restored.state
+    steps = sorted(manager.all_steps(), reverse=True)
+    unreadable, error = [], None
+    for step in steps:
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=grain.checkpoint.CheckpointRestore(train_iter),
+                ),
+            )
+        except Exception as e:  # any failure to read: fall back to an earlier step
+            error = e
+            message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            warn(
+                f"warning: checkpoint {manager.directory / str(step)} cannot be "
+                f"restored ({type(e).__name__}: {message}); trying an earlier one."
+            )
+            unreadable.append(step)
+            continue
+        if unreadable:
+            _move_unreadable(manager, unreadable, warn)
+        return restored.state
+    if steps:
+        raise RuntimeError(
+            f"none of the checkpoints {steps} in {manager.directory} can be restored; "
+            "the last error is chained above."
+        ) from error
+    return None
+
+
+def _move_unreadable(manager, steps, warn) -> None:
+    """Moves step directories to ``checkpoints_unreadable/`` (process 0) and reloads."""
+    target_root = epath.Path(manager.directory).parent / "checkpoints_unreadable"
+    if jax.process_index() == 0:
+        target_root.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target, n = target_root / str(step), 0
+            while target.exists():
+                n += 1
+                target = target_root / f"{step}.{n}"
+            (epath.Path(manager.directory) / str(step)).rename(target)
+            warn(
+                f"warning: moved the unreadable checkpoint of step {step} to {target}."
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("move unreadable checkpoints")
+    manager.reload()
+
+
+# What the train step checks for finiteness, in the order a message names them.
+_CHECKED = ("train/loss", "params", "model_state", "opt_state")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss, parameter or state value."""
+
+
+def check_finite(step: int, finite: dict[str, Any], manager) -> None:
+    """Raises :class:`NonFiniteError` naming the step and what is not finite.
+
+    Args:
+      step: the step that produced ``finite``.
+      finite: the train step's ``{name: bool scalar}`` (``True``: all finite).
+      manager: the checkpoint manager, to name the last good checkpoint.
+    """
+    values = jax.device_get(finite)  # a dict comes back with sorted keys
+    bad = [name for name in _CHECKED if name in values and not bool(values[name])]
+    if bad:
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        kept = (
+            "there is no checkpoint"
+            if last is None
+            else f"the last checkpoint, step {last} in {manager.directory}, is kept"
+        )
+        raise NonFiniteError(
+            f"training stopped at step {step}: non-finite {', '.join(bad)}. "
+            f"No checkpoint of this state was written; {kept}."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +757,14 @@ def train_and_evaluate(
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains ``config.method`` on ``task``; evaluates, logs and checkpoints.
 
-    Resumes from the latest checkpoint in ``workdir`` when there is one.
+    Resumes from the latest readable checkpoint in ``workdir`` when there is
+    one (see :func:`restore_checkpoint`).
+
+    Raises:
+      NonFiniteError: at the first step whose loss, params, model state or
+        optimizer state holds a non-finite value, naming the step and which
+        of them; nothing of that state is logged, evaluated or saved, and
+        the checkpoints written before it are kept.
 
     Returns:
       The final state and the final evaluation metrics.
@@ -655,10 +789,12 @@ def train_and_evaluate(
     )
     train_iter = make_train_iterator(config, task, setup.num_members)
     manager = checkpoint_manager(workdir, config)
-    if manager.latest_step() is not None:
-        state = restore_checkpoint(manager, state, train_iter)
+    restored = restore_checkpoint(manager, state, train_iter, warn=writer.print)
+    if restored is not None:
+        state = restored
         writer.print(f"resumed from step {int(state.step)}")
     start = int(state.step)
+    writer.resume(start)
 
     progress = None
     if jax.process_index() == 0 and config.progress_bar:
@@ -667,39 +803,59 @@ def train_and_evaluate(
         progress = tqdm(
             total=setup.total_steps, initial=start, desc="train", unit="step"
         )
+
     eval_metrics: dict[str, float] = {}
     tick = time.perf_counter()
-    with jax.set_mesh(mesh):
-        for step in range(start + 1, setup.total_steps + 1):
-            batch = next(train_iter)
-            images = data.to_global(
-                mesh, batch["image"].swapaxes(0, 1), P("members", "data")
-            )
-            labels = data.to_global(mesh, batch["label"], P("data"))
-            state, metrics = train_step(state, images, labels)
-            last = step == setup.total_steps
-            if step % config.log_every_steps == 0 or last:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics["train/steps_per_second"] = config.log_every_steps / (
-                    now - tick
+    unchecked = None  # (step, finite) of the previous step, read one step late
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start + 1, setup.total_steps + 1):
+                batch = next(train_iter)
+                images = data.to_global(
+                    mesh, batch["image"].swapaxes(0, 1), P("members", "data")
                 )
-                tick = now
-                writer.write(step, metrics)
+                labels = data.to_global(mesh, batch["label"], P("data"))
+                state, metrics, finite = train_step(state, images, labels)
+                # Reading the previous step's flags lets this step run meanwhile.
+                if unchecked is not None:
+                    check_finite(*unchecked, manager)
+                unchecked = (step, finite)
+                last = step == setup.total_steps
+                log = step % config.log_every_steps == 0 or last
+                evaluate = step % config.eval_every_steps == 0 or last
+                save = step % config.checkpoint_every_steps == 0 or last
+                if not (log or evaluate or save):
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+                # Nothing of a non-finite state is logged, evaluated or saved.
+                check_finite(step, finite, manager)
+                unchecked = None
+                record = {}
+                if log:
+                    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    record["train/steps_per_second"] = config.log_every_steps / (
+                        now - tick
+                    )
+                    tick = now
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['train/loss']:.4f}")
                 if progress is not None:
-                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            if progress is not None:
-                progress.update(1)
-            if step % config.eval_every_steps == 0 or last:
-                eval_metrics = evaluator(state)
-                writer.write(step, eval_metrics)
-                writer.print(
-                    f"step {step}: {_summary(eval_metrics, setup.num_members)}"
-                )
-            if step % config.checkpoint_every_steps == 0 or last:
-                save_checkpoint(manager, state, train_iter)
-    if progress is not None:
-        progress.close()
-    manager.wait_until_finished()
-    manager.close()
+                    progress.update(1)
+                if evaluate:
+                    eval_metrics = evaluator(state)
+                    record.update(eval_metrics)
+                    writer.print(
+                        f"step {step}: {_summary(eval_metrics, setup.num_members)}"
+                    )
+                if record:
+                    writer.write(step, record)
+                if save:
+                    save_checkpoint(manager, state, train_iter)
+    finally:
+        if progress is not None:
+            progress.close()
+        manager.wait_until_finished()  # the last good checkpoint is complete
+        manager.close()
     return state, eval_metrics

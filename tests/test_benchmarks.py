@@ -1,0 +1,82 @@
+"""Every benchmark script runs with ``--smoke`` and prints its table.
+
+``--smoke`` is each script's tiny-settings mode (under 30 s on a 2-core CPU,
+the same table shape as the real run). Each script runs in its own process,
+as a user runs it (``python benchmarks/NAME.py --smoke``, without the test
+suite's 8 fake devices), and must exit with status 0 and print the header of
+its table. A new script needs an entry in ``TABLE_HEADERS``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+TIMEOUT_S = 120  # a smoke run takes < 30 s; the margin is for a loaded machine
+
+# The header line of each script's table (a regular expression).
+TABLE_HEADERS = {
+    "averaging_designs": re.escape("| design | update ratio | copies |"),
+    "averaging_speed": re.escape("| method | update ms | update ratio |"),
+    "sharpness_mnist1d": r"method \| lr=",
+    "sharpness_quadratic": r"rho \|\s+GD \|",
+    "sharpness_speed": re.escape("median step time"),
+    "slimclr_mnist1d": re.escape("Linear-probe test accuracy (%)"),
+    "wash_accuracy": re.escape("| init | method | members | logit ensemble |"),
+    "wash_comm": re.escape("collective payload per device per step"),
+    "wash_speed": re.escape("| method | update ms | update ratio |"),
+}
+
+
+def _user_environment() -> dict[str, str]:
+    """This process's environment without the suite's fake-device flag.
+
+    ``PYTHONPATH`` puts the checkout first, so that the scripts import this
+    copy of ``optax_wa``.
+    """
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", ""
+    )
+    env["XLA_FLAGS"] = flags.strip()
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    return env
+
+
+def test_every_script_has_a_table_header():
+    assert SCRIPTS, "no benchmark scripts found"
+    missing = sorted({s.stem for s in SCRIPTS} - set(TABLE_HEADERS))
+    assert not missing, f"add the table header of {missing} to TABLE_HEADERS"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.stem)
+def test_script_runs_with_smoke_and_prints_its_table(script):
+    try:
+        result = subprocess.run(
+            [sys.executable, str(script), "--smoke"],
+            cwd=ROOT,
+            env=_user_environment(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script.name} --smoke did not finish in {TIMEOUT_S} s")
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0, (
+        f"{script.name} --smoke exited {result.returncode}:\n{tail}"
+    )
+    header = TABLE_HEADERS.get(script.stem)
+    assert header is not None, f"add the table header of {script.stem} to TABLE_HEADERS"
+    assert re.search(header, result.stdout), (
+        f"{script.name} --smoke printed no table header /{header}/:\n{tail}"
+    )
