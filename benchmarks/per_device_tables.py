@@ -264,14 +264,17 @@ def worker(devices, config_name, batch_per_device, methods):
         print(json.dumps(row), flush=True)
 
 
-def table(rows):
+def table(rows, unit="MB"):
+    """The markdown table of the workers' rows (memory and bytes in ``unit``)."""
+    scale = {"KB": 2**10, "MB": 2**20}[unit]
     base = {r["devices"]: r["bytes"] for r in rows if r["method"] == "independent"}
     lines = [
-        "| devices | method | arguments MB | outputs MB (aliased) | temporaries MB "
-        "| bytes/step MB | amortized / common path MB | compile s |",
+        f"| devices | method | arguments {unit} | outputs {unit} (aliased) | "
+        f"temporaries {unit} | bytes/step {unit} | amortized / common path {unit} "
+        "| compile s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    mb = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+    mb = lambda b: f"{b / scale:,.1f}"  # noqa: E731
     for r in rows:
         method, devices = r["method"], r["devices"]
         if method in PERIODS and devices in base:
@@ -325,7 +328,7 @@ def main():
         f"ViT ({config}) x {M} members, {rows[0]['params']:,} params per member, "
         f"float32, AdamW, {args.batch} images per device; per device:"
     )
-    print(table(rows))
+    print(table(rows, "KB" if args.smoke else "MB"))
 
 
 if __name__ == "__main__":
