@@ -265,31 +265,31 @@ def worker(devices, config_name, batch_per_device, methods):
 
 
 def table(rows, unit="MB"):
-    """The markdown table of the workers' rows (memory and bytes in ``unit``)."""
+    """The markdown table of the workers' rows (memory and bytes in ``unit``).
+
+    "amortized": bytes per step over many steps (Lookaround and PAPA: the
+    baseline's bytes plus their extra sync bytes over the period; WASH: its
+    common path, the extra round being that rare); "heaviest step": a sync
+    step, or a WASH step with one extra round.
+    """
     scale = {"KB": 2**10, "MB": 2**20}[unit]
     base = {r["devices"]: r["bytes"] for r in rows if r["method"] == "independent"}
     lines = [
         f"| devices | method | arguments {unit} | outputs {unit} (aliased) | "
-        f"temporaries {unit} | bytes/step {unit} | amortized / common path {unit} "
+        f"temporaries {unit} | amortized bytes/step {unit} | heaviest step {unit} "
         "| compile s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    mb = lambda b: f"{b / scale:,.1f}"  # noqa: E731
+    fmt = lambda b: f"{b / scale:,.1f}"  # noqa: E731
     for r in rows:
         method, devices = r["method"], r["devices"]
+        heaviest, amortized = r["bytes"], r["bytes_common"]
         if method in PERIODS and devices in base:
-            extra = r["bytes"] - base[devices]
-            second = mb(base[devices] + extra / PERIODS[method])
-            step = f"{mb(r['bytes'])} (sync step)"
-        elif method.startswith("wash"):
-            second = mb(r["bytes_common"])
-            step = f"{mb(r['bytes'])} (with one extra round)"
-        else:
-            second, step = "-", mb(r["bytes"])
+            amortized = base[devices] + (r["bytes"] - base[devices]) / PERIODS[method]
         lines.append(
-            f"| {devices} | {LABELS[method]} | {mb(r['arguments'])} | "
-            f"{mb(r['outputs'])} ({mb(r['aliased'])}) | {mb(r['temporaries'])} | "
-            f"{step} | {second} | {r['compile_s']:.0f} |"
+            f"| {devices} | {LABELS[method]} | {fmt(r['arguments'])} | "
+            f"{fmt(r['outputs'])} ({fmt(r['aliased'])}) | {fmt(r['temporaries'])} | "
+            f"{fmt(amortized)} | {fmt(heaviest)} | {r['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 
