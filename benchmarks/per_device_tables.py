@@ -170,9 +170,9 @@ def build(method, mesh, config, batch_per_device):
             grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)  # noqa: E731
             updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
         else:
-            grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "data")
-            if method == "dp_single":
-                grads = jax.lax.pmean(grads, "members")
+            # One all-reduce over the model's data-parallel devices.
+            axes = ("members", "data") if method == "dp_single" else "data"
+            grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), axes)
             updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -264,7 +264,7 @@ def worker(devices, config_name, batch_per_device, methods):
         print(json.dumps(row), flush=True)
 
 
-def table(rows, unit="MB"):
+def table(rows, unit="MiB"):
     """The markdown table of the workers' rows (memory and bytes in ``unit``).
 
     "amortized": bytes per step over many steps (Lookaround and PAPA: the
@@ -272,7 +272,7 @@ def table(rows, unit="MB"):
     common path, the extra round being that rare); "heaviest step": a sync
     step, or a WASH step with one extra round.
     """
-    scale = {"KB": 2**10, "MB": 2**20}[unit]
+    scale = {"KiB": 2**10, "MiB": 2**20}[unit]
     base = {r["devices"]: r["bytes"] for r in rows if r["method"] == "independent"}
     lines = [
         f"| devices | method | arguments {unit} | outputs {unit} (aliased) | "
@@ -328,7 +328,7 @@ def main():
         f"ViT ({config}) x {M} members, {rows[0]['params']:,} params per member, "
         f"float32, AdamW, {args.batch} images per device; per device:"
     )
-    print(table(rows, "KB" if args.smoke else "MB"))
+    print(table(rows, "KiB" if args.smoke else "MiB"))
 
 
 if __name__ == "__main__":
