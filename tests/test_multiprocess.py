@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.multiprocess
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
-TIMEOUT_S = 240
+TIMEOUT_S = 420  # generous: the 2-core test machines are often shared
 TOL = 1e-6
 
 
