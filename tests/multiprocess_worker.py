@@ -89,7 +89,10 @@ def optimizers(axis_name, data_axis):
     sam_inner = optax.sgd(0.05, momentum=0.9)
     opts = {
         "lookaround": optax_wa.lookaround(
-            optax.sgd(0.1, momentum=0.9), sync_period=2, axis_name=axis_name
+            optax.sgd(0.1, momentum=0.9),
+            sync_period=2,
+            state_policy="keep",
+            axis_name=axis_name,
         ),
         "papa": optax_wa.papa(
             optax.adam(0.05), alpha=0.8, period=2, axis_name=axis_name
@@ -128,6 +131,7 @@ def optimizers(axis_name, data_axis):
                 sync_ascent=sync,
             ),
             sync_period=2,
+            state_policy="keep",
             axis_name=axis_name,
         )
     return opts
