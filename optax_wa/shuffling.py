@@ -303,15 +303,22 @@ def _cumsum(x, block: int = 64):
     return (rows + offsets[:, None]).reshape(-1)[:n]
 
 
-def _permutations(words, num_members):
-    """Uniform random permutations of ``num_members``, one per row of words.
+def _permutations(words, num_members, topology="full"):
+    """Random permutations of ``num_members``, one per row of words.
 
-    Up to ``_TABLE_MAX`` members, one 32-bit word ``u`` per row picks row
-    ``u mod M!`` of the table of all permutations: uniform up to a
-    total-variation error below ``M! / 2**32`` (``1e-5`` at 8 members).
-    Above, ``M`` words per row and their ranks (ties, of probability below
-    ``M**2 / 2**33``, go to the lower index).
+    ``"full"``: uniform over all ``M!`` permutations. Up to ``_TABLE_MAX``
+    members, one 32-bit word ``u`` per row picks row ``u mod M!`` of the table
+    of all permutations: uniform up to a total-variation error below
+    ``M! / 2**32`` (``1e-5`` at 8 members). Above, ``M`` words per row and
+    their ranks (ties, of probability below ``M**2 / 2**33``, go to the lower
+    index). ``"ring"``: member ``i`` takes the value of member ``i + s``
+    (mod ``M``), ``s = +1`` or ``-1`` with probability 1/2 each (the top bit
+    of the word).
     """
+    if topology == "ring":
+        shift = jnp.where(words[0] >> 31 == 1, 1, num_members - 1).astype(jnp.int32)
+        lanes = jnp.arange(num_members, dtype=jnp.int32)
+        return (lanes[None, :] + shift[:, None]) % num_members
     if num_members > _TABLE_MAX:
         keys = jnp.stack(words[:num_members], axis=1)
         return jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1).astype(jnp.int32)
@@ -333,7 +340,7 @@ class _Round(NamedTuple):
     perms: jax.Array  # (N, M) permutations
 
 
-def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
+def _draw_round(keypair, starts, lasts, jobs, num_members, layout, topology):
     """Gaps, positions and permutations of every tensor's items of one round.
 
     Tensor ``j`` reads items ``starts[j] .. starts[j] + slots`` (one more than
@@ -344,7 +351,8 @@ def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
     the very same draws.
     """
     seg, first, local = layout
-    width = 1 if num_members <= _TABLE_MAX else (num_members + 2) // 2
+    full = topology == "full" and num_members > _TABLE_MAX
+    width = (num_members + 2) // 2 if full else 1
     leaf_ids = np.array([job.leaf_id for job in jobs], np.uint32)[seg]
     items = (starts[seg] + jnp.asarray(local, jnp.int32)).astype(jnp.uint32)
     words = []
@@ -375,111 +383,185 @@ def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
     num_valid = jax.ops.segment_min(
         outside, jnp.asarray(seg), num_segments=len(jobs), indices_are_sorted=True
     )
-    return _Round(pos, num_valid, _permutations(words[1:], num_members))
+    return _Round(pos, num_valid, _permutations(words[1:], num_members, topology))
 
 
 def _take(x, idx, stacked):
     return x[:, idx] if stacked else x[idx]
 
 
-def _put(x, idx, v, stacked, add=False):
+def _put(x, idx, v, stacked):
     kwargs = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
-    ref = x.at[:, idx] if stacked else x.at[idx]
-    return ref.add(v, **kwargs) if add else ref.set(v, **kwargs)
+    return (x.at[:, idx] if stacked else x.at[idx]).set(v, **kwargs)
 
 
-def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
-    """Runs the rounds; returns the carried arrays with the shuffle applied.
+def _wire_dtype(dtype, quantize):
+    """The dtype a value of ``dtype`` travels in: ``quantize`` for wider floats."""
+    dtype = np.dtype(dtype)
+    if quantize is None or not jnp.issubdtype(dtype, jnp.floating):
+        return dtype
+    quantize = np.dtype(quantize)
+    return quantize if dtype.itemsize > quantize.itemsize else dtype
 
-    ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
-    mode and ``(d,)`` in named mode. An array with a base holds an update:
-    its value is ``base + array`` (the new parameter, in the base's dtype)
-    and it becomes ``array + (shuffled - value)``; an array without a base is
-    shuffled as is.
+
+def _to_wire(x, dtype):
+    """Casts to the wire dtype, rounding to nearest and saturating finite values
+    at the wire dtype's largest value (a float16 wire never makes an inf)."""
+    if x.dtype == dtype:
+        return x
+    big = float(jnp.finfo(dtype).max)
+    return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
+
+
+class _Layout(NamedTuple):
+    """Static bookkeeping of one shuffle: every tensor's items, concatenated.
+
+    Tensor ``j`` reads ``slots[j] + 1`` items per round (the last only tells
+    whether items remain); ``seg`` maps an item to its tensor, ``first[j]`` is
+    the tensor's first item and ``local`` an item's index inside its tensor;
+    ``exchanged`` lists the items that may move (``ex_first[j]`` the first of
+    tensor ``j`` among them); ``capacity`` sizes the named exchange buffers.
     """
-    stacked = axis_name is None
-    jobs = [job for job in jobs if job.prob > 0.0]
-    if not jobs or num_members < 2:
-        return arrays
-    keypair = jax.random.bits(key, (2,), jnp.uint32)
+
+    slots: np.ndarray
+    seg: np.ndarray
+    first: np.ndarray
+    local: np.ndarray
+    exchanged: np.ndarray
+    ex_first: np.ndarray
+    capacity: int
+
+
+def _layout(jobs, num_members) -> _Layout:
     slots = np.array([job.slots for job in jobs])
     counts = slots + 1
     seg = np.repeat(np.arange(len(jobs)), counts)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     local = np.arange(seg.size) - first[seg]
-    exchanged = np.flatnonzero(local < slots[seg])  # the items that may move
+    exchanged = np.flatnonzero(local < slots[seg])
     ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])
     expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
     capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
-    item_axis = 1 if stacked else 0
+    return _Layout(slots, seg, first, local, exchanged, ex_first, capacity)
 
-    def value_of(arrays, a, b, idx):
-        value = _take(arrays[a], idx, stacked)
-        if b is None:
-            return value
-        return (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
+
+def _gather(arrays, bases, jobs, pos, layout, stacked, quantize):
+    """The values of the selected coordinates, one ``(..., K, C)`` block per
+    wire dtype (``K`` items of every tensor concatenated, ``C`` columns: the
+    arrays that move together), and where each array's column is.
+
+    An array with a base holds an update; its value is ``base + array`` in
+    the base's dtype, the new parameter.
+    """
+    columns: dict[str, list[list]] = {}
+    where = []  # where[j][n]: (wire dtype name, column) of the job's n-th array
+    for j, job in enumerate(jobs):
+        span = pos[layout.first[j] : layout.first[j] + job.slots]
+        idx = jnp.clip(span, 0, job.size - 1)
+        where.append([])
+        for a, b in zip(job.arrays, job.bases):
+            value = _take(arrays[a], idx, stacked)
+            if b is not None:
+                value = (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
+            wire = _wire_dtype(value.dtype, quantize)
+            per_job = columns.setdefault(wire.name, [[] for _ in jobs])
+            where[j].append((wire.name, len(per_job[j])))
+            per_job[j].append(_to_wire(value, wire))
+    values = {}
+    for name, per_job in columns.items():
+        width = max(len(cols) for cols in per_job)
+        blocks = []
+        for job, cols in zip(jobs, per_job):
+            shape = (arrays[0].shape[0], job.slots) if stacked else (job.slots,)
+            cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
+            blocks.append(jnp.stack(cols, axis=-1))
+        values[name] = jnp.concatenate(blocks, axis=1 if stacked else 0)
+    return values, where
+
+
+def _write_back(arrays, bases, jobs, pos, done, shuffled, where, layout, stacked):
+    """Writes the items that moved; the others wait for the next round.
+
+    An array without a base takes the shuffled value. An update (array with a
+    base) becomes ``shuffled - base``, computed in float32 or wider and
+    rounded once to the update's dtype, so that ``base + update`` is the
+    shuffled value up to the rounding of that difference and of the addition
+    in ``optax.apply_updates`` (exact when the two are within a factor of 2).
+    """
+    arrays = list(arrays)
+    for j, job in enumerate(jobs):
+        slot = jnp.arange(job.slots, dtype=jnp.int32)
+        span = pos[layout.first[j] : layout.first[j] + job.slots]
+        idx = jnp.where(slot < done[j], span, job.size + slot)  # past the end: dropped
+        for (a, b), (name, column) in zip(zip(job.arrays, job.bases), where[j]):
+            block = jax.lax.slice_in_dim(
+                shuffled[name],
+                layout.ex_first[j],
+                layout.ex_first[j] + job.slots,
+                axis=1 if stacked else 0,
+            )
+            new = block[..., column]
+            if b is not None:
+                base = _take(bases[b], jnp.clip(span, 0, job.size - 1), stacked)
+                acc = jnp.promote_types(base.dtype, jnp.float32)
+                new = new.astype(acc) - base.astype(acc)
+            arrays[a] = _put(arrays[a], idx, new.astype(arrays[a].dtype), stacked)
+    return arrays
+
+
+def _shuffle(
+    arrays, bases, jobs, key, num_members, axis_name, topology="full", quantize=None
+):
+    """Runs the rounds; returns the carried arrays with the shuffle applied.
+
+    ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
+    mode and ``(d,)`` in named mode. An array with a base holds an update
+    (see :func:`_write_back`); an array without a base is shuffled as is.
+    Every round: draw the items (:func:`_draw_round`), gather their values
+    (:func:`_gather`), permute them across members
+    (:func:`optax_wa.members.permute_members`), write back what moved.
+    """
+    stacked = axis_name is None
+    jobs = [job for job in jobs if job.prob > 0.0 and job.size > 0]
+    if not jobs or num_members < 2:
+        return arrays
+    keypair = jax.random.bits(key, (2,), jnp.uint32)
+    layout = _layout(jobs, num_members)
+    counts = jnp.asarray(layout.slots + 1, jnp.int32)
+    local = jnp.asarray(layout.local, jnp.int32)
 
     def one_round(carry):
         arrays, starts, lasts, _ = carry
-        arrays = list(arrays)
         drawn = _draw_round(
-            keypair, starts, lasts, jobs, num_members, (seg, first, local)
+            keypair,
+            starts,
+            lasts,
+            jobs,
+            num_members,
+            (layout.seg, layout.first, layout.local),
+            topology,
         )
-        num_valid = jnp.minimum(drawn.num_valid, jnp.asarray(counts, jnp.int32))
-        valid = jnp.asarray(local, jnp.int32) < num_valid[seg]
-
-        # Gather the selected values, one block per dtype, items concatenated.
-        columns: dict[str, list[list]] = {}
-        for j, job in enumerate(jobs):
-            idx = jnp.clip(drawn.pos[first[j] : first[j] + job.slots], 0, job.size - 1)
-            for a, b in zip(job.arrays, job.bases):
-                value = value_of(arrays, a, b, idx)
-                per_job = columns.setdefault(value.dtype.name, [[] for _ in jobs])
-                per_job[j].append(value)
-        values = {}
-        for name, per_job in columns.items():
-            width = max(len(cols) for cols in per_job)
-            blocks = []
-            for job, cols in zip(jobs, per_job):
-                shape = (num_members, job.slots) if stacked else (job.slots,)
-                cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
-                blocks.append(jnp.stack(cols, axis=-1))
-            values[name] = jnp.concatenate(blocks, axis=item_axis)
+        num_valid = jnp.minimum(drawn.num_valid, counts)
+        valid = local < num_valid[layout.seg]
+        values, where = _gather(
+            arrays, bases, jobs, drawn.pos, layout, stacked, quantize
+        )
         shuffled, num_done = members.permute_members(
             values,
-            drawn.perms[exchanged],
+            drawn.perms[layout.exchanged],
             axis_name=axis_name,
-            valid=valid[exchanged],
-            capacity=capacity,
+            valid=valid[layout.exchanged],
+            capacity=layout.capacity,
         )
-
-        # Write back the items that moved; the rest wait for the next round.
-        # An update is written as update + (shuffled - value): exactly the
-        # update where the permutation kept the value.
-        deltas = {}
-        for name in values:
-            acc = jnp.promote_types(name, jnp.float32)
-            deltas[name] = shuffled[name].astype(acc) - values[name].astype(acc)
         done = jnp.clip(
-            num_done - jnp.asarray(ex_first, jnp.int32),
+            num_done - jnp.asarray(layout.ex_first, jnp.int32),
             0,
-            jnp.minimum(num_valid, jnp.asarray(slots, jnp.int32)),
+            jnp.minimum(num_valid, jnp.asarray(layout.slots, jnp.int32)),
         )
-        for j, job in enumerate(jobs):
-            slot = jnp.arange(job.slots, dtype=jnp.int32)
-            span = drawn.pos[first[j] : first[j] + job.slots]
-            idx = jnp.where(slot < done[j], span, job.size + slot)
-            seen: dict[str, int] = {}
-            for a, b in zip(job.arrays, job.bases):
-                name = (arrays[a] if b is None else bases[b]).dtype.name
-                column, seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
-                source = shuffled if b is None else deltas
-                block = jax.lax.slice_in_dim(
-                    source[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
-                )
-                new = block[..., column].astype(arrays[a].dtype)
-                arrays[a] = _put(arrays[a], idx, new, stacked, add=b is not None)
-        first_j = jnp.asarray(first, jnp.int32)
+        arrays = _write_back(
+            arrays, bases, jobs, drawn.pos, done, shuffled, where, layout, stacked
+        )
+        first_j = jnp.asarray(layout.first, jnp.int32)
         more = jnp.any(valid[first_j + done])
         last_done = drawn.pos[first_j + jnp.maximum(done - 1, 0)]
         lasts = jnp.where(done > 0, last_done, lasts)
