@@ -102,7 +102,23 @@ def _check_prob(name: str, value) -> float:
     return value
 
 
+def _resolve_layer_probs(layer_probs, depth_order):
+    """``None`` means ``"linear"`` when a depth order is given, else ``"constant"``."""
+    if layer_probs is None:
+        return "constant" if depth_order is None else "linear"
+    if depth_order is not None and not (
+        isinstance(layer_probs, str) and layer_probs == "linear"
+    ):
+        raise ValueError(
+            "depth_order is only used by layer_probs='linear' (or left to its "
+            f"default None), got layer_probs={layer_probs!r}."
+        )
+    return layer_probs
+
+
 def _check_layer_probs(layer_probs):
+    if layer_probs is None:
+        return
     if isinstance(layer_probs, str):
         if layer_probs not in _LAYER_PROBS:
             raise ValueError(
@@ -179,13 +195,14 @@ def wash_layer_probs(
     params: PyTree,
     *,
     shuffle_prob: float = 0.01,
-    layer_probs="linear",
+    layer_probs=None,
     depth_order=None,
     stacked: bool = True,
 ) -> PyTree:
     r"""The shuffle probability of every tensor, as :func:`wash` uses it.
 
-    ``"constant"``: every tensor gets ``shuffle_prob``. ``"linear"``: the
+    ``None`` (default): ``"linear"`` when ``depth_order`` is given, else
+    ``"constant"``. ``"constant"``: every tensor gets ``shuffle_prob``. ``"linear"``: the
     tensor at depth :math:`l` of :math:`L` gets
 
     .. math::
@@ -201,8 +218,10 @@ def wash_layer_probs(
     Args:
       params: the params (stacked, or one member with ``stacked=False``).
       shuffle_prob: ``p``, in ``[0, 1]``.
-      layer_probs: ``"linear"``, ``"constant"``, a callable or a pytree.
-      depth_order: for ``"linear"``: a sequence of path prefixes from the first
+      layer_probs: ``None``, ``"linear"``, ``"constant"``, a callable or a
+        pytree.
+      depth_order: for ``"linear"`` (given alone, it selects ``"linear"``):
+        a sequence of path prefixes from the first
         layer to the last (``"layers_2"``, ``"params/Dense_0"`` or a tuple of
         keys; a leaf takes the longest matching prefix; every leaf must match
         one and every entry must match a leaf), or a callable
@@ -223,6 +242,7 @@ def wash_layer_probs(
     """
     shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
     _check_layer_probs(layer_probs)
+    layer_probs = _resolve_layer_probs(layer_probs, depth_order)
     _check_depth_order(depth_order)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
@@ -590,6 +610,16 @@ def _flat(x, stacked):
     return x.reshape((x.shape[0], -1) if stacked else (-1,))
 
 
+def _init_member_count(tree, axis_name) -> int:
+    """The number of members, or 0 when ``init`` runs outside the mapped axis."""
+    if axis_name is None:
+        return members.num_members(tree)
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError:
+        return 0
+
+
 def _member_count(tree, axis_name) -> int:
     if axis_name is None:
         return members.num_members(tree)
@@ -601,27 +631,33 @@ def shuffle_coordinates(
     key: jax.Array,
     probs,
     *,
+    topology: str = "full",
+    quantize: str | None = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> PyTree:
     r"""Permutes a random subset of coordinates across members (WASH's shuffle).
 
     Every coordinate of a tensor with probability :math:`p` is selected
     independently with probability :math:`p`; the members' values of a
-    selected coordinate :math:`c` are permuted by a uniform random
-    permutation :math:`\pi_c` (identity allowed):
+    selected coordinate :math:`c` are permuted by a random permutation
+    :math:`\pi_c` (``topology="full"``: uniform, identity allowed;
+    ``"ring"``: a cyclic shift by :math:`\pm 1`):
 
     .. math::
       w_{i, c} \leftarrow w_{\pi_c(i), c}.
 
     Values are moved, never recomputed: per coordinate the multiset of member
-    values, hence the member mean, is unchanged exactly. Every member and
-    device must pass the same ``key``.
+    values, hence the member mean, is unchanged exactly (unless ``quantize``
+    rounds the selected values, see :func:`wash`). Every member and device
+    must pass the same ``key``.
 
     Args:
       tree: a stacked ensemble (stacked mode) or one member (named mode).
       key: a PRNG key shared by every member.
       probs: a float in ``[0, 1]`` for every tensor, or a pytree of floats
         with the structure of ``tree`` (see :func:`wash_layer_probs`).
+      topology: ``"full"`` or ``"ring"``, as in :func:`wash`.
+      quantize: ``None``, ``"bfloat16"`` or ``"float16"``, as in :func:`wash`.
       axis_name: ``None`` (stacked mode) or the mapped member axis name(s).
 
     Returns:
@@ -636,6 +672,8 @@ def shuffle_coordinates(
       Array([[ 0.,  1.,  2.],
              [10., 11., 12.]], dtype=float32)
     """
+    _check_choice("topology", topology, _TOPOLOGIES)
+    _check_choice("quantize", quantize, _QUANTIZE)
     stacked = axis_name is None
     leaves, treedef = jax.tree.flatten(tree)
     if isinstance(probs, (int, float, np.number)) and not isinstance(probs, bool):
@@ -650,7 +688,7 @@ def shuffle_coordinates(
         for i, (leaf, p) in enumerate(zip(leaves, prob_list))
     ]
     flat = [_flat(leaf, stacked) for leaf in leaves]
-    out = _shuffle(flat, [], jobs, key, num_members, axis_name)
+    out = _shuffle(flat, [], jobs, key, num_members, axis_name, topology, quantize)
     return jax.tree.unflatten(
         treedef, [o.reshape(leaf.shape) for o, leaf in zip(out, leaves)]
     )
@@ -702,11 +740,85 @@ def _make_job(leaf_id, size, prob, arrays, bases):
     return _Job(leaf_id, size, prob, slots, tuple(arrays), tuple(bases))
 
 
+_TOPOLOGIES = ("full", "ring")
+_PROB_COUNTS = ("selections", "moves")
+_QUANTIZE = (None, "bfloat16", "float16")
+
+
+def _check_seed(seed):
+    """An integer seed: a Python/NumPy integer or an integer scalar array (as
+    ``optax.inject_hyperparams`` passes it; it may be traced)."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(seed, (int, np.integer)):
+        return
+    if (
+        isinstance(seed, (np.ndarray, jax.Array))
+        and np.ndim(seed) == 0
+        and jnp.issubdtype(seed.dtype, jnp.integer)
+    ):
+        return
+    raise ValueError(f"seed must be an integer, got {seed!r}.")
+
+
+def _check_interval(interval):
+    """``interval``: a Python integer >= 1, or an integer scalar array (as
+    ``optax.inject_hyperparams`` passes it; a run-time value below 1 acts as 1)."""
+    if isinstance(interval, (bool, np.bool_)):
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+    if isinstance(interval, (int, np.integer)):
+        if interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+        return
+    if (
+        isinstance(interval, (np.ndarray, jax.Array))
+        and np.ndim(interval) == 0
+        and jnp.issubdtype(interval.dtype, jnp.integer)
+    ):
+        if not isinstance(interval, jax.core.Tracer) and int(interval) < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+        return
+    raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+
+
+def _check_choice(name, value, allowed):
+    if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def _selection_probs(probs, num_members, prob_counts):
+    """Per-tensor selection probabilities: ``p`` itself, or with
+    ``prob_counts="moves"`` ``p / (1 - 1/M)`` (a selected value stays with
+    its member with probability ``1/M`` under a uniform permutation)."""
+    if prob_counts == "selections" or num_members < 2:
+        return probs
+    scale = num_members / (num_members - 1)
+    out = [p * scale for p in probs]
+    if max(out) > 1.0:
+        raise ValueError(
+            f"shuffle_prob: with prob_counts='moves' and {num_members} members the "
+            f"selection probability p * M / (M - 1) = {max(out):g} exceeds 1; "
+            f"use p <= {1 / scale:g}."
+        )
+    return out
+
+
+def _is_placeholder(params) -> bool:
+    """Whether ``params`` is not an array tree (``optax.tree_utils.tree_map_params``
+    initializes with a placeholder object to locate params-shaped state)."""
+    leaves = jax.tree.leaves(params)
+    return bool(leaves) and not all(hasattr(leaf, "shape") for leaf in leaves)
+
+
 def wash(
     inner: optax.GradientTransformation,
     *,
     shuffle_prob: float = 0.01,
-    layer_probs="linear",
+    interval: int = 1,
+    topology: str = "full",
+    prob_counts: str = "selections",
+    quantize: str | None = None,
+    layer_probs=None,
     depth_order=None,
     shuffle_opt_state: bool = False,
     seed: int = 0,
@@ -717,8 +829,9 @@ def wash(
     Every member takes the inner optimizer's step, then each coordinate
     :math:`c` of a tensor with probability :math:`p_l` is selected
     independently, and the members' new values of a selected coordinate are
-    permuted by a uniformly random permutation :math:`\pi_c` of the
-    :math:`M` members (identity allowed: :math:`p` counts selections):
+    permuted by a random permutation :math:`\pi_c` of the :math:`M` members
+    (``topology="full"``: uniform, identity allowed; ``"ring"``: a cyclic
+    shift by :math:`\pm 1`, as in a ring of workers):
 
     .. math::
       w^{t+1}_{i,c} = \begin{cases}
@@ -726,44 +839,64 @@ def wash(
         w^t_{i,c} + u^t_{i,c} & \text{otherwise,}
       \end{cases}
 
-    where :math:`u_i^t` is the inner update of member :math:`i`. Per
-    coordinate the multiset of member values is unchanged, so the member mean
-    is the mean the members would have without shuffling. The random
-    decisions use one key for all members and devices,
-    ``fold_in(PRNGKey(seed), step)``; the member index is never folded in.
+    where :math:`u_i^t` is the inner update of member :math:`i`. The shuffle
+    runs after update :math:`t` (0-based) when :math:`t \bmod` ``interval``
+    :math:`= 0` (after the first update, then every ``interval``-th).
+
+    The returned update at a shuffled coordinate is the new value minus the
+    parameter, so ``optax.apply_updates`` returns the moved value up to two
+    roundings (of that difference and of the addition): exactly when the two
+    values are within a factor of 2, else within one ulp of the larger of
+    the two in magnitude. Per coordinate the multiset of member values, hence
+    the member mean, is unchanged up to that rounding. The random decisions
+    use one key for all members and devices, ``fold_in(PRNGKey(seed),
+    step)``; the member index is never folded in.
 
     Only the selected values move: ``O(k)`` work and, in the sharded and named
     backends, one ``all_to_all`` of about :math:`k` values per member and
     dtype, where :math:`k \approx \sum_l p_l d_l` (see
-    :func:`optax_wa.members.permute_members`). With the member axis split over
-    an explicit mesh (``jax.make_mesh``'s default), stacked mode finds the
-    mesh in the params' type and runs the exchange under ``jax.shard_map``.
+    :func:`optax_wa.members.permute_members`); ``quantize="bfloat16"`` or
+    ``"float16"`` sends float32 values in 16 bits (half the bytes). With the
+    member axis split over an explicit mesh (``jax.make_mesh``'s default),
+    stacked mode finds the mesh in the params' type and runs the exchange
+    under ``jax.shard_map``.
 
-    The returned update is ``new_params - params`` at the shuffled
-    coordinates and the inner update elsewhere, so ``wash`` must be the last
-    element of an ``optax.chain``. Extra keyword arguments of ``update`` go to
-    every member's inner update unchanged. The final model is the uniform
-    average of the members (:func:`optax_wa.members.average_members`, then
-    recalibrate BatchNorm statistics).
+    ``wash`` must be the last element of an ``optax.chain``. Extra keyword
+    arguments of ``update`` go to every member's inner update unchanged. The
+    final model is the uniform average of the members
+    (:func:`optax_wa.members.average_members`, then recalibrate BatchNorm
+    statistics).
 
     Args:
       inner: the per-member optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``).
       shuffle_prob: :math:`p`, in ``[0, 1]``; static (it sizes buffers): with
         ``optax.inject_hyperparams`` list it in ``static_args``.
-      layer_probs: ``"linear"`` (:math:`p_l = p(1 - l/(L-1))`, first layer
-        :math:`p`, last layer 0, depth from ``depth_order``), ``"constant"``,
-        a callable ``(path, leaf) -> p`` or a pytree of floats (see
+      interval: shuffle after every ``interval``-th update (an integer >= 1;
+        may be injected, a run-time value below 1 acts as 1).
+      topology: ``"full"`` (uniform permutations) or ``"ring"`` (a selected
+        value moves to the next or the previous member).
+      prob_counts: ``"selections"`` (default: :math:`p` is the selection
+        probability; a fraction :math:`p(M-1)/M` of the values changes
+        member under ``"full"``) or ``"moves"`` (select with probability
+        :math:`p / (1 - 1/M)`, so that a fraction :math:`p` moves under
+        ``"full"``; the reference simulator's reading).
+      quantize: ``None``, ``"bfloat16"`` or ``"float16"``: the selected
+        values of wider float tensors are rounded to this dtype (to nearest;
+        finite values saturate at its largest value) and travel in it.
+      layer_probs: ``None`` (default: ``"constant"``, or ``"linear"`` when
+        ``depth_order`` is given), ``"constant"``, ``"linear"`` (:math:`p_l =
+        p(1 - l/(L-1))`: first layer :math:`p`, last layer 0), a callable
+        ``(path, leaf) -> p`` or a pytree of floats (see
         :func:`wash_layer_probs`).
-      depth_order: the depth of every tensor for ``"linear"``: path prefixes
-        from the first layer to the last (e.g. ``["conv_in", "block_0",
-        "block_1", "head"]``) or a callable ``(path, leaf) -> depth``. Needed
-        for ``"linear"`` when the params have more than one tensor.
+      depth_order: the depth of every tensor for the linear schedule: path
+        prefixes from the first layer to the last (e.g. ``["conv_in",
+        "block_0", "block_1", "head"]``) or a callable ``(path, leaf) ->
+        depth`` (:func:`execution_depth_order` derives it from a forward
+        pass). Giving it selects ``"linear"``.
       shuffle_opt_state: if True, the inner state's params-shaped leaves
         (momentum, Adam moments) are shuffled with the same coordinates and
         permutations as their parameter (WASH+Opt).
-      seed: the integer seed of the shuffle; static (with
-        ``optax.inject_hyperparams``, list ``"shuffle_prob"`` and ``"seed"`` in
-        ``static_args``).
+      seed: the integer seed of the shuffle (may be injected).
       axis_name: ``None`` (stacked mode: params carry a leading member axis)
         or the mapped member axis name (named mode; a tuple of names spans
         several mapped axes, e.g. ``("members", "local")`` for members vmapped
@@ -775,7 +908,7 @@ def wash(
     Examples:
       >>> import jax, jax.numpy as jnp, optax, optax_wa
       >>> params = {"w": jnp.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]])}
-      >>> opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=1.0, layer_probs="constant")
+      >>> opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=1.0)
       >>> state = opt.init(params)
       >>> updates, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
       >>> new = optax.apply_updates(params, updates)
@@ -787,22 +920,23 @@ def wash(
       Weight Shuffling, then Average <https://arxiv.org/abs/2405.17517>`_, 2024.
     """
     shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
+    _check_interval(interval)
+    _check_choice("topology", topology, _TOPOLOGIES)
+    _check_choice("prob_counts", prob_counts, _PROB_COUNTS)
+    _check_choice("quantize", quantize, _QUANTIZE)
     _check_layer_probs(layer_probs)
     _check_depth_order(depth_order)
+    layer_probs = _resolve_layer_probs(layer_probs, depth_order)
     if not isinstance(shuffle_opt_state, bool):
         raise ValueError(
             f"shuffle_opt_state must be a bool, got {shuffle_opt_state!r}."
         )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(
-            f"seed must be a Python integer, got {seed!r} (it is static: with "
-            "optax.inject_hyperparams list it in static_args)."
-        )
+    _check_seed(seed)
     raw_inner = optax.with_extra_args_support(inner)
     per_member = members.per_member(raw_inner, axis_name)
     stacked = axis_name is None
 
-    def probabilities(params):
+    def probabilities(params, num_members):
         probs = wash_layer_probs(
             params,
             shuffle_prob=shuffle_prob,
@@ -810,15 +944,16 @@ def wash(
             depth_order=depth_order,
             stacked=stacked,
         )
-        return jax.tree.leaves(probs)
+        return _selection_probs(jax.tree.leaves(probs), num_members, prob_counts)
 
     def init_fn(params):
-        probabilities(params)  # validate against the params now
-        return WashState(
-            count=jnp.zeros([], jnp.int32),
-            key=jax.random.PRNGKey(int(seed)),
-            inner_state=per_member.init(params),
-        )
+        key = jax.random.PRNGKey(seed)
+        if _is_placeholder(params):  # tree_map_params: the state's structure only
+            inner_state = raw_inner.init(params)
+        else:
+            probabilities(params, _init_member_count(params, axis_name))
+            inner_state = per_member.init(params)
+        return WashState(jnp.zeros([], jnp.int32), key, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -829,48 +964,86 @@ def wash(
             updates, state.inner_state, params, **extra_args
         )
         count = optax.safe_increment(state.count)
-        probs = probabilities(params)
-        if not any(probs):
+        num_members = _member_count(params, axis_name)
+        probs = probabilities(params, num_members)
+        if not any(probs) or num_members < 2:
             return inner_updates, WashState(count, state.key, inner_state)
 
-        param_leaves, treedef = jax.tree.flatten(params)
-        update_leaves = treedef.flatten_up_to(inner_updates)
-        arrays = [_flat(u, stacked) for u in update_leaves]
-        bases = [_flat(p, stacked) for p in param_leaves]
-        groups, rebuild = {}, None
-        if shuffle_opt_state:
-            groups, rebuild = _params_shaped_state(raw_inner, inner_state, params)
-        jobs, state_slots = [], {}
-        for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
-            if prob == 0.0:
-                continue
-            job_arrays, job_bases = [i], [i]
-            for s in groups.get(i, []):
-                state_slots.setdefault(i, []).append(len(arrays))
-                job_arrays.append(len(arrays))
-                job_bases.append(None)
-                arrays.append(_flat(s, stacked))
-            jobs.append(
-                _make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases)
+        def shuffled(inner_updates, inner_state):
+            return _shuffle_step(
+                raw_inner,
+                inner_updates,
+                inner_state,
+                params,
+                probs,
+                jax.random.fold_in(state.key, state.count),
+                num_members,
+                axis_name,
+                shuffle_opt_state=shuffle_opt_state,
+                topology=topology,
+                quantize=quantize,
             )
 
-        step_key = jax.random.fold_in(state.key, state.count)
-        num_members = _member_count(params, axis_name)
-        out = _shuffle(arrays, bases, jobs, step_key, num_members, axis_name)
-        new_updates = jax.tree.unflatten(
-            treedef, [o.reshape(u.shape) for o, u in zip(out, update_leaves)]
-        )
-        if shuffle_opt_state:
-            new_groups = {
-                i: [
-                    out[a].reshape(s.shape)
-                    for a, s in zip(state_slots.get(i, []), groups[i])
-                ]
-                if i in state_slots
-                else groups[i]
-                for i in groups
-            }
-            inner_state = rebuild(new_groups)
+        if isinstance(interval, (int, np.integer)) and interval == 1:
+            new_updates, inner_state = shuffled(inner_updates, inner_state)
+        else:
+            due = state.count % jnp.maximum(interval, 1) == 0
+            new_updates, inner_state = jax.lax.cond(
+                due, shuffled, lambda u, s: (u, s), inner_updates, inner_state
+            )
         return new_updates, WashState(count, state.key, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _shuffle_step(
+    raw_inner,
+    inner_updates,
+    inner_state,
+    params,
+    probs,
+    key,
+    num_members,
+    axis_name,
+    *,
+    shuffle_opt_state,
+    topology,
+    quantize,
+):
+    """One shuffle of the updates (and, for WASH+Opt, of the params-shaped
+    inner state): returns ``(new updates, new inner state)``."""
+    stacked = axis_name is None
+    param_leaves, treedef = jax.tree.flatten(params)
+    update_leaves = treedef.flatten_up_to(inner_updates)
+    arrays = [_flat(u, stacked) for u in update_leaves]
+    bases = [_flat(p, stacked) for p in param_leaves]
+    groups, rebuild = {}, None
+    if shuffle_opt_state:
+        groups, rebuild = _params_shaped_state(raw_inner, inner_state, params)
+    jobs, state_slots = [], {}
+    for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
+        if prob == 0.0:
+            continue
+        job_arrays, job_bases = [i], [i]
+        for s in groups.get(i, []):
+            state_slots.setdefault(i, []).append(len(arrays))
+            job_arrays.append(len(arrays))
+            job_bases.append(None)
+            arrays.append(_flat(s, stacked))
+        jobs.append(
+            _make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases)
+        )
+
+    out = _shuffle(arrays, bases, jobs, key, num_members, axis_name, topology, quantize)
+    new_updates = jax.tree.unflatten(
+        treedef, [o.reshape(u.shape) for o, u in zip(out, update_leaves)]
+    )
+    if shuffle_opt_state:
+        new_groups = {
+            i: [out[a].reshape(s.shape) for a, s in zip(state_slots[i], groups[i])]
+            if i in state_slots
+            else groups[i]
+            for i in groups
+        }
+        inner_state = rebuild(new_groups)
+    return new_updates, inner_state
