@@ -482,6 +482,10 @@ def _gather(arrays, bases, jobs, pos, layout, stacked, quantize):
         for a, b in zip(job.arrays, job.bases):
             value = _take(arrays[a], idx, stacked)
             if b is not None:
+                # The select keeps XLA from contracting the inner update's
+                # multiply and this add into one FMA: the value must be the
+                # rounded update added to the parameter, as apply_updates does.
+                value = jnp.where(jnp.isnan(value), jnp.nan, value)
                 value = (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
             wire = _wire_dtype(value.dtype, quantize)
             per_job = columns.setdefault(wire.name, [[] for _ in jobs])
@@ -804,10 +808,12 @@ def _selection_probs(probs, num_members, prob_counts):
 
 
 def _is_placeholder(params) -> bool:
-    """Whether ``params`` is not an array tree (``optax.tree_utils.tree_map_params``
-    initializes with a placeholder object to locate params-shaped state)."""
-    leaves = jax.tree.leaves(params)
-    return bool(leaves) and not all(hasattr(leaf, "shape") for leaf in leaves)
+    """Whether ``params`` is the placeholder object with which
+    ``optax.tree_utils.tree_map_params`` initializes to locate the
+    params-shaped parts of a state (a pytree node without leaves)."""
+    return not jax.tree.leaves(params) and type(params).__name__ == (
+        "_ParamsPlaceholder"
+    )
 
 
 def wash(
