@@ -278,6 +278,94 @@ def wash_layer_probs(
     return jax.tree.unflatten(treedef, probs)
 
 
+def _first_reads(jaxpr, names, clock, first):
+    """Walks ``jaxpr`` in program order and records, for every variable in
+    ``names`` (var -> leaf index), the clock tick of its first read. Calls
+    whose body's inputs match the call's operands (``jit``, remat, custom
+    derivatives, ``scan``; ``cond`` after its index) are entered, so a
+    jitted model is seen layer by layer."""
+    for eqn in jaxpr.eqns:
+        operands = list(eqn.invars)
+        entered = False
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if not hasattr(inner, "eqns"):
+                    continue
+                ops = operands
+                if len(inner.invars) == len(ops) - 1:  # cond: the index first
+                    ops = ops[1:]
+                if len(inner.invars) != len(ops):
+                    continue
+                sub_names = {
+                    v: names[o] for v, o in zip(inner.invars, ops) if o in names
+                }
+                if sub_names:
+                    _first_reads(inner, sub_names, clock, first)
+                    entered = True
+        if not entered:
+            for var in operands:
+                if var in names:
+                    first.setdefault(names[var], clock[0])
+        clock[0] += 1
+
+
+def execution_depth_order(fn, params, *args, **kwargs):
+    """The depth of every tensor from a forward pass: the order of first use.
+
+    Traces ``fn(params, *args, **kwargs)`` (abstractly: any arrays or
+    ``jax.ShapeDtypeStruct``) and ranks every params leaf by the first
+    operation that reads it, entering ``jit``-ed and rematerialized calls,
+    scans and conds. Tensors read first by the same operation share a depth;
+    tensors the pass never reads come last. Pass the result as
+    ``depth_order`` to :func:`wash` (it selects the linear schedule).
+
+    Args:
+      fn: the forward pass, ``fn(params, *args, **kwargs)``, of one member.
+      params: one member's params (no member axis).
+      *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+      **kwargs: further keyword inputs of ``fn``.
+
+    Returns:
+      A callable ``(path, leaf) -> depth`` (an int).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from optax_wa.shuffling import execution_depth_order, wash_layer_probs
+      >>> params = {"head": jnp.ones((3, 2)), "stem": jnp.ones((4, 3))}
+      >>> forward = lambda p, x: jnp.tanh(x @ p["stem"]) @ p["head"]
+      >>> order = execution_depth_order(forward, params, jnp.ones((1, 4)))
+      >>> wash_layer_probs(params, shuffle_prob=0.1, depth_order=order, stacked=False)
+      {'head': 0.0, 'stem': 0.1}
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("execution_depth_order: params have no leaves.")
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for _, x in flat]
+
+    def call(leaves, args, kwargs):
+        return fn(jax.tree.unflatten(treedef, leaves), *args, **kwargs)
+
+    jaxpr = jax.make_jaxpr(call)(structs, args, kwargs).jaxpr
+    names = {var: i for i, var in enumerate(jaxpr.invars[: len(flat)])}
+    first: dict[int, int] = {}
+    clock = [0]
+    _first_reads(jaxpr, names, clock, first)
+    ticks = sorted({first.get(i, clock[0]) for i in range(len(flat))})
+    rank = {paths[i]: ticks.index(first.get(i, clock[0])) for i in range(len(flat))}
+
+    def depth(path, leaf):
+        key = jax.tree_util.keystr(tuple(path))
+        if key not in rank:
+            raise ValueError(
+                f"execution_depth_order: {key} is not a leaf of the traced params."
+            )
+        return rank[key]
+
+    return depth
+
+
 # ---------------------------------------------------------------------------
 # The shuffle engine.
 

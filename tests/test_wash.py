@@ -710,3 +710,28 @@ def test_integer_array_seed_equals_python_seed():
     c, _ = _run(_wash(seed=jnp.asarray(7)), params)
     chex.assert_trees_all_equal(a, b)
     chex.assert_trees_all_equal(a, c)
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit, jax.checkpoint])
+def test_execution_depth_order_follows_the_forward_pass(wrap):
+    """12 layers (layers_10 sorts before layers_2), each kernel read before its
+    bias, plus a tensor the pass never reads: depth = order of first read."""
+    params = {
+        f"layers_{i}": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}
+        for i in range(12)
+    }
+    params["unused"] = jnp.ones(3)
+
+    def forward(p, x):
+        for i in range(12):
+            x = jnp.tanh(x @ p[f"layers_{i}"]["kernel"] + p[f"layers_{i}"]["bias"])
+        return x
+
+    order = shuffling.execution_depth_order(wrap(forward), params, jnp.ones((2, 4)))
+    probs = wash_layer_probs(params, shuffle_prob=0.5, depth_order=order, stacked=False)
+    num_depths = 2 * 12 + 1  # kernels, biases, then the unused tensor
+    for i in range(12):
+        for j, name in enumerate(("kernel", "bias")):
+            expected = 0.5 * (1 - (2 * i + j) / (num_depths - 1))
+            assert probs[f"layers_{i}"][name] == pytest.approx(expected)
+    assert probs["unused"] == 0.0
