@@ -735,3 +735,19 @@ def test_execution_depth_order_follows_the_forward_pass(wrap):
             expected = 0.5 * (1 - (2 * i + j) / (num_depths - 1))
             assert probs[f"layers_{i}"][name] == pytest.approx(expected)
     assert probs["unused"] == 0.0
+
+
+def test_quantized_named_exchange_equals_stacked():
+    """16-bit values cross the named exchange as their bits, unchanged."""
+    params = _params()
+    opts = [_wash(quantize=q, shuffle_opt_state=True) for q in ("bfloat16", "float16")]
+    for q, opt in zip(("bfloat16", "float16"), opts):
+        stacked, _ = _run(opt, params)
+        vmapped = lambda f: jax.jit(jax.vmap(f, axis_name="members"))
+        named, _ = _named_equals_stacked(
+            _wash(quantize=q, shuffle_opt_state=True, axis_name="members"),
+            params,
+            None,
+            vmapped,
+        )
+        chex.assert_trees_all_close(named, stacked, rtol=1e-6, atol=1e-6)
