@@ -24,7 +24,8 @@ independently trained members and close to its own ensemble.
 Data: MNIST-1D generated locally (``mnist1d.data.make_dataset`` with
 ``get_dataset_args()``: 4000 train / 1000 test signals of length 40).
 
-Run: ``python benchmarks/wash_accuracy.py`` (about 5 minutes on 2 cores).
+Run: ``python benchmarks/wash_accuracy.py`` (about 5 minutes on 2 cores);
+``--smoke``: 20 steps, one seed, one ``p``, one init, the same table.
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shuffle-probs", type=float, nargs="+", default=[0.003, 0.01])
     parser.add_argument("--init", choices=["different", "same", "both"], default="both")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.seeds, args.shuffle_probs, args.init = 20, [0], [0.01], "same"
     methods = ["independent", "papa"] + [f"wash p={p:g}" for p in args.shuffle_probs]
     methods.append(f"wash+opt p={args.shuffle_probs[-1]:g}")
     train_data, test_data = load_mnist1d()

@@ -18,11 +18,16 @@ each collective's input and output buffers). Printed:
   the types and XLA lowers the cross-member gather itself: the cost of not
   taking the sharded path.
 
-Run: ``python benchmarks/wash_comm.py`` (about a minute of compiling).
+* WASH at ``p = 0.01`` with the selected values exchanged in bfloat16 or
+  float16 (``quantize``), and with the ring topology.
+
+Run: ``python benchmarks/wash_comm.py`` (about a minute of compiling);
+``--smoke``: ``p`` in {0, 0.01} only, the same tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -71,6 +76,10 @@ def named_update(opt, mesh, params):
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny settings")
+    args = parser.parse_args()
+    probs = (0.0, 0.01) if args.smoke else PROBS
     shapes = resnet20_shapes()
     size = sum(int(np.prod(s)) for s in shapes.values())
     depth_order = [(name,) for name in shapes]  # definition order, input to output
@@ -109,12 +118,12 @@ def main():
 
         rows = []
         for layer_probs in ("constant", "linear"):
-            for p in PROBS:
+            for p in probs:
                 opt = optax_wa.wash(
                     inner,
                     shuffle_prob=p,
                     layer_probs=layer_probs,
-                    depth_order=depth_order,
+                    depth_order=depth_order if layer_probs == "linear" else None,
                 )
                 compiled = compile_update(opt, params)
                 common = collective_bytes(compiled, in_loops=False)
@@ -135,11 +144,31 @@ def main():
             )
 
         print()
+        variants = {
+            "float32 (default)": {},
+            'quantize="bfloat16"': {"quantize": "bfloat16"},
+            'quantize="float16"': {"quantize": "float16"},
+            'topology="ring"': {"topology": "ring"},
+        }
+        base = None
+        for label, kwargs in variants.items():
+            opt = optax_wa.wash(inner, shuffle_prob=0.01, **kwargs)
+            kinds = collective_bytes(
+                compile_update(opt, params), by_kind=True, in_loops=False
+            )
+            total = sum(kinds.values())
+            base = base or kinds["all-to-all"]
+            print(
+                f"WASH p=0.01 {label:22s} {total:>9,d} bytes/step "
+                f"({total / full:.4f} of the all-reduce; all-to-all "
+                f"{kinds['all-to-all'] / base:.3f} of float32's)"
+            )
+
+        print()
         for p in (0.0, 0.01):
             opt = optax_wa.wash(
                 inner,
                 shuffle_prob=p,
-                layer_probs="constant",
                 axis_name=("members", "local"),
             )
             named = collective_bytes(named_update(opt, mesh, params), in_loops=False)
@@ -151,7 +180,7 @@ def main():
     auto = jax.make_mesh((M,), ("members",), axis_types=(AxisType.Auto,))
     with jax.set_mesh(auto):
         params = jax.device_put(params0, NamedSharding(auto, P("members")))
-        opt = optax_wa.wash(inner, shuffle_prob=0.01, layer_probs="constant")
+        opt = optax_wa.wash(inner, shuffle_prob=0.01)
         compiled = compile_update(opt, params)
         kinds = collective_bytes(compiled, by_kind=True, in_loops=False)
         total = sum(kinds.values())

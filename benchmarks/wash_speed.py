@@ -19,7 +19,9 @@ Prints, side by side in one process (the harness of
 Targets at ``p = 0.01``: update ratio <= 1.5, train-step ratio <= 1.05.
 Timings are medians over interleaved windows of 10 steps.
 
-Run: ``python benchmarks/wash_speed.py [--members 4] [--batch 8] [--repeats 15]``
+Run: ``python benchmarks/wash_speed.py [--members 4] [--batch 8] [--repeats 15]``;
+``--smoke``: 2 members, the inner optimizer and WASH at ``p = 0.01`` only,
+one window of 2 steps, no train step (its columns print ``-``).
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="images per member")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny settings")
     args = parser.parse_args()
     m, window = args.members, 10
+    if args.smoke:
+        m, window, args.batch, args.repeats, args.train_repeats = 2, 2, 1, 1, 1
 
     shapes = resnet20_shapes()
     depth_order = [(name,) for name in shapes]  # definition order
@@ -79,6 +84,9 @@ def main():
         opts[f"wash p={p:g} constant"] = optax_wa.wash(
             inner, shuffle_prob=p, layer_probs="constant"
         )
+    opts["wash p=0.01 bf16 exchange"] = optax_wa.wash(
+        inner, shuffle_prob=0.01, quantize="bfloat16"
+    )
     opts["wash p=0.01 linear"] = optax_wa.wash(
         inner, shuffle_prob=0.01, depth_order=depth_order
     )
@@ -86,6 +94,8 @@ def main():
         inner, shuffle_prob=0.01, layer_probs="constant", shuffle_opt_state=True
     )
     opts["papa (period=10)"] = optax_wa.papa(inner, alpha=0.99, period=10)
+    if args.smoke:
+        opts = {name: opts[name] for name in (BASE, "wash p=0.01 constant")}
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"{m} members x {size:,} values (ResNet-20 shapes); load average "
@@ -95,12 +105,21 @@ def main():
     grads = jax.tree.map(lambda x: 1e-3 * np.ones_like(x), params)
     update = compare(opts, grads, make_update_only_step, params, window, args.repeats)
     applied = compare(opts, grads, make_update_step, params, window, args.repeats)
-    key = jax.random.key(1)
-    batch = (
-        jax.random.normal(key, (m, args.batch, 32, 32, 3)),
-        jax.random.randint(key, (m, args.batch), 0, 10),
+    train = {}
+    if not args.smoke:
+        key = jax.random.key(1)
+        batch = (
+            jax.random.normal(key, (m, args.batch, 32, 32, 3)),
+            jax.random.randint(key, (m, args.batch), 0, 10),
+        )
+        train = compare(
+            opts, batch, make_train_step, params, window, args.train_repeats
+        )
+    # Seconds per step: the median over the timing windows.
+    update, applied, train = (
+        {name: float(np.median(times)) for name, times in runs.items()}
+        for runs in (update, applied, train)
     )
-    train = compare(opts, batch, make_train_step, params, window, args.train_repeats)
 
     print(
         "\n| method | update ms | update ratio | update+apply ms | update+apply ratio "
@@ -111,7 +130,11 @@ def main():
         print(
             f"| {name} | {1e3 * update[name]:.3f} | {update[name] / update[BASE]:.3f} | "
             f"{1e3 * applied[name]:.3f} | {applied[name] / applied[BASE]:.3f} | "
-            f"{1e3 * train[name]:.1f} | {train[name] / train[BASE]:.3f} |"
+            + (
+                f"{1e3 * train[name]:.1f} | {train[name] / train[BASE]:.3f} |"
+                if train
+                else "- | - |"
+            )
         )
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 

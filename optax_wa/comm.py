@@ -92,6 +92,11 @@ def _operands(remainder: str) -> str:
 
 def _hlo_text(compiled: Any) -> str:
     if isinstance(compiled, str):
+        if "HloModule" not in compiled:
+            raise ValueError(
+                "collective_bytes: a string must be HLO text (starting with "
+                f"'HloModule'), got {compiled[:60]!r}."
+            )
         return compiled
     if hasattr(compiled, "as_text"):
         text = compiled.as_text()

@@ -582,10 +582,17 @@ def _permute_named(values, perms, valid, axis_name, capacity):
     recv_rank = jnp.clip(_exclusive_rank(src, valid, size), 0, capacity - 1)
 
     def one(v):
+        # 16-bit floats travel as their bits: a backend without 16-bit float
+        # collectives (XLA:CPU) would otherwise widen the buffer to float32.
+        wire = v.dtype
+        if jnp.issubdtype(wire, jnp.floating) and wire.itemsize <= 2:
+            v = jax.lax.bitcast_convert_type(v, jnp.dtype(f"uint{8 * wire.itemsize}"))
         buf = jnp.zeros((size, capacity, *v.shape[1:]), v.dtype)
         buf = buf.at[row, col].set(v, mode="drop")
         got = jax.lax.all_to_all(buf, axis_name, 0, 0, tiled=True)
         new = got[src, recv_rank]
+        if new.dtype != wire:
+            new, v = (jax.lax.bitcast_convert_type(x, wire) for x in (new, v))
         keep = done.reshape(done.shape + (1,) * (v.ndim - 1))
         return jnp.where(keep, new, v)
 

@@ -102,7 +102,23 @@ def _check_prob(name: str, value) -> float:
     return value
 
 
+def _resolve_layer_probs(layer_probs, depth_order):
+    """``None`` means ``"linear"`` when a depth order is given, else ``"constant"``."""
+    if layer_probs is None:
+        return "constant" if depth_order is None else "linear"
+    if depth_order is not None and not (
+        isinstance(layer_probs, str) and layer_probs == "linear"
+    ):
+        raise ValueError(
+            "depth_order is only used by layer_probs='linear' (or left to its "
+            f"default None), got layer_probs={layer_probs!r}."
+        )
+    return layer_probs
+
+
 def _check_layer_probs(layer_probs):
+    if layer_probs is None:
+        return
     if isinstance(layer_probs, str):
         if layer_probs not in _LAYER_PROBS:
             raise ValueError(
@@ -179,13 +195,14 @@ def wash_layer_probs(
     params: PyTree,
     *,
     shuffle_prob: float = 0.01,
-    layer_probs="linear",
+    layer_probs=None,
     depth_order=None,
     stacked: bool = True,
 ) -> PyTree:
     r"""The shuffle probability of every tensor, as :func:`wash` uses it.
 
-    ``"constant"``: every tensor gets ``shuffle_prob``. ``"linear"``: the
+    ``None`` (default): ``"linear"`` when ``depth_order`` is given, else
+    ``"constant"``. ``"constant"``: every tensor gets ``shuffle_prob``. ``"linear"``: the
     tensor at depth :math:`l` of :math:`L` gets
 
     .. math::
@@ -201,8 +218,10 @@ def wash_layer_probs(
     Args:
       params: the params (stacked, or one member with ``stacked=False``).
       shuffle_prob: ``p``, in ``[0, 1]``.
-      layer_probs: ``"linear"``, ``"constant"``, a callable or a pytree.
-      depth_order: for ``"linear"``: a sequence of path prefixes from the first
+      layer_probs: ``None``, ``"linear"``, ``"constant"``, a callable or a
+        pytree.
+      depth_order: for ``"linear"`` (given alone, it selects ``"linear"``):
+        a sequence of path prefixes from the first
         layer to the last (``"layers_2"``, ``"params/Dense_0"`` or a tuple of
         keys; a leaf takes the longest matching prefix; every leaf must match
         one and every entry must match a leaf), or a callable
@@ -223,6 +242,7 @@ def wash_layer_probs(
     """
     shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
     _check_layer_probs(layer_probs)
+    layer_probs = _resolve_layer_probs(layer_probs, depth_order)
     _check_depth_order(depth_order)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
@@ -256,6 +276,94 @@ def wash_layer_probs(
             ) from None
         probs = [_check_prob("every value of layer_probs", p) for p in given]
     return jax.tree.unflatten(treedef, probs)
+
+
+def _first_reads(jaxpr, names, clock, first):
+    """Walks ``jaxpr`` in program order and records, for every variable in
+    ``names`` (var -> leaf index), the clock tick of its first read. Calls
+    whose body's inputs match the call's operands (``jit``, remat, custom
+    derivatives, ``scan``; ``cond`` after its index) are entered, so a
+    jitted model is seen layer by layer."""
+    for eqn in jaxpr.eqns:
+        operands = list(eqn.invars)
+        entered = False
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if not hasattr(inner, "eqns"):
+                    continue
+                ops = operands
+                if len(inner.invars) == len(ops) - 1:  # cond: the index first
+                    ops = ops[1:]
+                if len(inner.invars) != len(ops):
+                    continue
+                sub_names = {
+                    v: names[o] for v, o in zip(inner.invars, ops) if o in names
+                }
+                if sub_names:
+                    _first_reads(inner, sub_names, clock, first)
+                    entered = True
+        if not entered:
+            for var in operands:
+                if var in names:
+                    first.setdefault(names[var], clock[0])
+        clock[0] += 1
+
+
+def execution_depth_order(fn, params, *args, **kwargs):
+    """The depth of every tensor from a forward pass: the order of first use.
+
+    Traces ``fn(params, *args, **kwargs)`` (abstractly: any arrays or
+    ``jax.ShapeDtypeStruct``) and ranks every params leaf by the first
+    operation that reads it, entering ``jit``-ed and rematerialized calls,
+    scans and conds. Tensors read first by the same operation share a depth;
+    tensors the pass never reads come last. Pass the result as
+    ``depth_order`` to :func:`wash` (it selects the linear schedule).
+
+    Args:
+      fn: the forward pass, ``fn(params, *args, **kwargs)``, of one member.
+      params: one member's params (no member axis).
+      *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+      **kwargs: further keyword inputs of ``fn``.
+
+    Returns:
+      A callable ``(path, leaf) -> depth`` (an int).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from optax_wa.shuffling import execution_depth_order, wash_layer_probs
+      >>> params = {"head": jnp.ones((3, 2)), "stem": jnp.ones((4, 3))}
+      >>> forward = lambda p, x: jnp.tanh(x @ p["stem"]) @ p["head"]
+      >>> order = execution_depth_order(forward, params, jnp.ones((1, 4)))
+      >>> wash_layer_probs(params, shuffle_prob=0.1, depth_order=order, stacked=False)
+      {'head': 0.0, 'stem': 0.1}
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("execution_depth_order: params have no leaves.")
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for _, x in flat]
+
+    def call(leaves, args, kwargs):
+        return fn(jax.tree.unflatten(treedef, leaves), *args, **kwargs)
+
+    jaxpr = jax.make_jaxpr(call)(structs, args, kwargs).jaxpr
+    names = {var: i for i, var in enumerate(jaxpr.invars[: len(flat)])}
+    first: dict[int, int] = {}
+    clock = [0]
+    _first_reads(jaxpr, names, clock, first)
+    ticks = sorted({first.get(i, clock[0]) for i in range(len(flat))})
+    rank = {paths[i]: ticks.index(first.get(i, clock[0])) for i in range(len(flat))}
+
+    def depth(path, leaf):
+        key = jax.tree_util.keystr(tuple(path))
+        if key not in rank:
+            raise ValueError(
+                f"execution_depth_order: {key} is not a leaf of the traced params."
+            )
+        return rank[key]
+
+    return depth
 
 
 # ---------------------------------------------------------------------------
@@ -303,15 +411,22 @@ def _cumsum(x, block: int = 64):
     return (rows + offsets[:, None]).reshape(-1)[:n]
 
 
-def _permutations(words, num_members):
-    """Uniform random permutations of ``num_members``, one per row of words.
+def _permutations(words, num_members, topology="full"):
+    """Random permutations of ``num_members``, one per row of words.
 
-    Up to ``_TABLE_MAX`` members, one 32-bit word ``u`` per row picks row
-    ``u mod M!`` of the table of all permutations: uniform up to a
-    total-variation error below ``M! / 2**32`` (``1e-5`` at 8 members).
-    Above, ``M`` words per row and their ranks (ties, of probability below
-    ``M**2 / 2**33``, go to the lower index).
+    ``"full"``: uniform over all ``M!`` permutations. Up to ``_TABLE_MAX``
+    members, one 32-bit word ``u`` per row picks row ``u mod M!`` of the table
+    of all permutations: uniform up to a total-variation error below
+    ``M! / 2**32`` (``1e-5`` at 8 members). Above, ``M`` words per row and
+    their ranks (ties, of probability below ``M**2 / 2**33``, go to the lower
+    index). ``"ring"``: member ``i`` takes the value of member ``i + s``
+    (mod ``M``), ``s = +1`` or ``-1`` with probability 1/2 each (the top bit
+    of the word).
     """
+    if topology == "ring":
+        shift = jnp.where(words[0] >> 31 == 1, 1, num_members - 1).astype(jnp.int32)
+        lanes = jnp.arange(num_members, dtype=jnp.int32)
+        return (lanes[None, :] + shift[:, None]) % num_members
     if num_members > _TABLE_MAX:
         keys = jnp.stack(words[:num_members], axis=1)
         return jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1).astype(jnp.int32)
@@ -333,7 +448,7 @@ class _Round(NamedTuple):
     perms: jax.Array  # (N, M) permutations
 
 
-def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
+def _draw_round(keypair, starts, lasts, jobs, num_members, layout, topology):
     """Gaps, positions and permutations of every tensor's items of one round.
 
     Tensor ``j`` reads items ``starts[j] .. starts[j] + slots`` (one more than
@@ -344,7 +459,8 @@ def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
     the very same draws.
     """
     seg, first, local = layout
-    width = 1 if num_members <= _TABLE_MAX else (num_members + 2) // 2
+    full = topology == "full" and num_members > _TABLE_MAX
+    width = (num_members + 2) // 2 if full else 1
     leaf_ids = np.array([job.leaf_id for job in jobs], np.uint32)[seg]
     items = (starts[seg] + jnp.asarray(local, jnp.int32)).astype(jnp.uint32)
     words = []
@@ -375,111 +491,189 @@ def _draw_round(keypair, starts, lasts, jobs, num_members, layout):
     num_valid = jax.ops.segment_min(
         outside, jnp.asarray(seg), num_segments=len(jobs), indices_are_sorted=True
     )
-    return _Round(pos, num_valid, _permutations(words[1:], num_members))
+    return _Round(pos, num_valid, _permutations(words[1:], num_members, topology))
 
 
 def _take(x, idx, stacked):
     return x[:, idx] if stacked else x[idx]
 
 
-def _put(x, idx, v, stacked, add=False):
+def _put(x, idx, v, stacked):
     kwargs = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
-    ref = x.at[:, idx] if stacked else x.at[idx]
-    return ref.add(v, **kwargs) if add else ref.set(v, **kwargs)
+    return (x.at[:, idx] if stacked else x.at[idx]).set(v, **kwargs)
 
 
-def _shuffle(arrays, bases, jobs, key, num_members, axis_name):
-    """Runs the rounds; returns the carried arrays with the shuffle applied.
+def _wire_dtype(dtype, quantize):
+    """The dtype a value of ``dtype`` travels in: ``quantize`` for wider floats."""
+    dtype = np.dtype(dtype)
+    if quantize is None or not jnp.issubdtype(dtype, jnp.floating):
+        return dtype
+    quantize = np.dtype(quantize)
+    return quantize if dtype.itemsize > quantize.itemsize else dtype
 
-    ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
-    mode and ``(d,)`` in named mode. An array with a base holds an update:
-    its value is ``base + array`` (the new parameter, in the base's dtype)
-    and it becomes ``array + (shuffled - value)``; an array without a base is
-    shuffled as is.
+
+def _to_wire(x, dtype):
+    """Casts to the wire dtype, rounding to nearest and saturating finite values
+    at the wire dtype's largest value (a float16 wire never makes an inf)."""
+    if x.dtype == dtype:
+        return x
+    big = float(jnp.finfo(dtype).max)
+    return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
+
+
+class _Layout(NamedTuple):
+    """Static bookkeeping of one shuffle: every tensor's items, concatenated.
+
+    Tensor ``j`` reads ``slots[j] + 1`` items per round (the last only tells
+    whether items remain); ``seg`` maps an item to its tensor, ``first[j]`` is
+    the tensor's first item and ``local`` an item's index inside its tensor;
+    ``exchanged`` lists the items that may move (``ex_first[j]`` the first of
+    tensor ``j`` among them); ``capacity`` sizes the named exchange buffers.
     """
-    stacked = axis_name is None
-    jobs = [job for job in jobs if job.prob > 0.0]
-    if not jobs or num_members < 2:
-        return arrays
-    keypair = jax.random.bits(key, (2,), jnp.uint32)
+
+    slots: np.ndarray
+    seg: np.ndarray
+    first: np.ndarray
+    local: np.ndarray
+    exchanged: np.ndarray
+    ex_first: np.ndarray
+    capacity: int
+
+
+def _layout(jobs, num_members) -> _Layout:
     slots = np.array([job.slots for job in jobs])
     counts = slots + 1
     seg = np.repeat(np.arange(len(jobs)), counts)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     local = np.arange(seg.size) - first[seg]
-    exchanged = np.flatnonzero(local < slots[seg])  # the items that may move
+    exchanged = np.flatnonzero(local < slots[seg])
     ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])
     expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
     capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
-    item_axis = 1 if stacked else 0
+    return _Layout(slots, seg, first, local, exchanged, ex_first, capacity)
 
-    def value_of(arrays, a, b, idx):
-        value = _take(arrays[a], idx, stacked)
-        if b is None:
-            return value
-        return (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
+
+def _gather(arrays, bases, jobs, pos, layout, stacked, quantize):
+    """The values of the selected coordinates, one ``(..., K, C)`` block per
+    wire dtype (``K`` items of every tensor concatenated, ``C`` columns: the
+    arrays that move together), and where each array's column is.
+
+    An array with a base holds an update; its value is ``base + array`` in
+    the base's dtype, the new parameter.
+    """
+    columns: dict[str, list[list]] = {}
+    where = []  # where[j][n]: (wire dtype name, column) of the job's n-th array
+    for j, job in enumerate(jobs):
+        span = pos[layout.first[j] : layout.first[j] + job.slots]
+        idx = jnp.clip(span, 0, job.size - 1)
+        where.append([])
+        for a, b in zip(job.arrays, job.bases):
+            value = _take(arrays[a], idx, stacked)
+            if b is not None:
+                # The select keeps XLA from contracting the inner update's
+                # multiply and this add into one FMA: the value must be the
+                # rounded update added to the parameter, as apply_updates does.
+                value = jnp.where(jnp.isnan(value), jnp.nan, value)
+                value = (_take(bases[b], idx, stacked) + value).astype(bases[b].dtype)
+            wire = _wire_dtype(value.dtype, quantize)
+            per_job = columns.setdefault(wire.name, [[] for _ in jobs])
+            where[j].append((wire.name, len(per_job[j])))
+            per_job[j].append(_to_wire(value, wire))
+    values = {}
+    for name, per_job in columns.items():
+        width = max(len(cols) for cols in per_job)
+        blocks = []
+        for job, cols in zip(jobs, per_job):
+            shape = (arrays[0].shape[0], job.slots) if stacked else (job.slots,)
+            cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
+            blocks.append(jnp.stack(cols, axis=-1))
+        values[name] = jnp.concatenate(blocks, axis=1 if stacked else 0)
+    return values, where
+
+
+def _write_back(arrays, bases, jobs, pos, done, shuffled, where, layout, stacked):
+    """Writes the items that moved; the others wait for the next round.
+
+    An array without a base takes the shuffled value. An update (array with a
+    base) becomes ``shuffled - base``, computed in float32 or wider and
+    rounded once to the update's dtype, so that ``base + update`` is the
+    shuffled value up to the rounding of that difference and of the addition
+    in ``optax.apply_updates`` (exact when the two are within a factor of 2).
+    """
+    arrays = list(arrays)
+    for j, job in enumerate(jobs):
+        slot = jnp.arange(job.slots, dtype=jnp.int32)
+        span = pos[layout.first[j] : layout.first[j] + job.slots]
+        idx = jnp.where(slot < done[j], span, job.size + slot)  # past the end: dropped
+        for (a, b), (name, column) in zip(zip(job.arrays, job.bases), where[j]):
+            block = jax.lax.slice_in_dim(
+                shuffled[name],
+                layout.ex_first[j],
+                layout.ex_first[j] + job.slots,
+                axis=1 if stacked else 0,
+            )
+            new = block[..., column]
+            if b is not None:
+                base = _take(bases[b], jnp.clip(span, 0, job.size - 1), stacked)
+                acc = jnp.promote_types(base.dtype, jnp.float32)
+                new = new.astype(acc) - base.astype(acc)
+            arrays[a] = _put(arrays[a], idx, new.astype(arrays[a].dtype), stacked)
+    return arrays
+
+
+def _shuffle(
+    arrays, bases, jobs, key, num_members, axis_name, topology="full", quantize=None
+):
+    """Runs the rounds; returns the carried arrays with the shuffle applied.
+
+    ``arrays`` and ``bases`` hold flattened tensors, ``(M, d)`` in stacked
+    mode and ``(d,)`` in named mode. An array with a base holds an update
+    (see :func:`_write_back`); an array without a base is shuffled as is.
+    Every round: draw the items (:func:`_draw_round`), gather their values
+    (:func:`_gather`), permute them across members
+    (:func:`optax_wa.members.permute_members`), write back what moved.
+    """
+    stacked = axis_name is None
+    jobs = [job for job in jobs if job.prob > 0.0 and job.size > 0]
+    if not jobs or num_members < 2:
+        return arrays
+    keypair = jax.random.bits(key, (2,), jnp.uint32)
+    layout = _layout(jobs, num_members)
+    counts = jnp.asarray(layout.slots + 1, jnp.int32)
+    local = jnp.asarray(layout.local, jnp.int32)
 
     def one_round(carry):
         arrays, starts, lasts, _ = carry
-        arrays = list(arrays)
         drawn = _draw_round(
-            keypair, starts, lasts, jobs, num_members, (seg, first, local)
+            keypair,
+            starts,
+            lasts,
+            jobs,
+            num_members,
+            (layout.seg, layout.first, layout.local),
+            topology,
         )
-        num_valid = jnp.minimum(drawn.num_valid, jnp.asarray(counts, jnp.int32))
-        valid = jnp.asarray(local, jnp.int32) < num_valid[seg]
-
-        # Gather the selected values, one block per dtype, items concatenated.
-        columns: dict[str, list[list]] = {}
-        for j, job in enumerate(jobs):
-            idx = jnp.clip(drawn.pos[first[j] : first[j] + job.slots], 0, job.size - 1)
-            for a, b in zip(job.arrays, job.bases):
-                value = value_of(arrays, a, b, idx)
-                per_job = columns.setdefault(value.dtype.name, [[] for _ in jobs])
-                per_job[j].append(value)
-        values = {}
-        for name, per_job in columns.items():
-            width = max(len(cols) for cols in per_job)
-            blocks = []
-            for job, cols in zip(jobs, per_job):
-                shape = (num_members, job.slots) if stacked else (job.slots,)
-                cols = cols + [jnp.zeros(shape, name)] * (width - len(cols))
-                blocks.append(jnp.stack(cols, axis=-1))
-            values[name] = jnp.concatenate(blocks, axis=item_axis)
+        num_valid = jnp.minimum(drawn.num_valid, counts)
+        valid = local < num_valid[layout.seg]
+        values, where = _gather(
+            arrays, bases, jobs, drawn.pos, layout, stacked, quantize
+        )
         shuffled, num_done = members.permute_members(
             values,
-            drawn.perms[exchanged],
+            drawn.perms[layout.exchanged],
             axis_name=axis_name,
-            valid=valid[exchanged],
-            capacity=capacity,
+            valid=valid[layout.exchanged],
+            capacity=layout.capacity,
         )
-
-        # Write back the items that moved; the rest wait for the next round.
-        # An update is written as update + (shuffled - value): exactly the
-        # update where the permutation kept the value.
-        deltas = {}
-        for name in values:
-            acc = jnp.promote_types(name, jnp.float32)
-            deltas[name] = shuffled[name].astype(acc) - values[name].astype(acc)
         done = jnp.clip(
-            num_done - jnp.asarray(ex_first, jnp.int32),
+            num_done - jnp.asarray(layout.ex_first, jnp.int32),
             0,
-            jnp.minimum(num_valid, jnp.asarray(slots, jnp.int32)),
+            jnp.minimum(num_valid, jnp.asarray(layout.slots, jnp.int32)),
         )
-        for j, job in enumerate(jobs):
-            slot = jnp.arange(job.slots, dtype=jnp.int32)
-            span = drawn.pos[first[j] : first[j] + job.slots]
-            idx = jnp.where(slot < done[j], span, job.size + slot)
-            seen: dict[str, int] = {}
-            for a, b in zip(job.arrays, job.bases):
-                name = (arrays[a] if b is None else bases[b]).dtype.name
-                column, seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
-                source = shuffled if b is None else deltas
-                block = jax.lax.slice_in_dim(
-                    source[name], ex_first[j], ex_first[j] + job.slots, axis=item_axis
-                )
-                new = block[..., column].astype(arrays[a].dtype)
-                arrays[a] = _put(arrays[a], idx, new, stacked, add=b is not None)
-        first_j = jnp.asarray(first, jnp.int32)
+        arrays = _write_back(
+            arrays, bases, jobs, drawn.pos, done, shuffled, where, layout, stacked
+        )
+        first_j = jnp.asarray(layout.first, jnp.int32)
         more = jnp.any(valid[first_j + done])
         last_done = drawn.pos[first_j + jnp.maximum(done - 1, 0)]
         lasts = jnp.where(done > 0, last_done, lasts)
@@ -508,6 +702,16 @@ def _flat(x, stacked):
     return x.reshape((x.shape[0], -1) if stacked else (-1,))
 
 
+def _init_member_count(tree, axis_name) -> int:
+    """The number of members, or 0 when ``init`` runs outside the mapped axis."""
+    if axis_name is None:
+        return members.num_members(tree)
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError:
+        return 0
+
+
 def _member_count(tree, axis_name) -> int:
     if axis_name is None:
         return members.num_members(tree)
@@ -519,27 +723,33 @@ def shuffle_coordinates(
     key: jax.Array,
     probs,
     *,
+    topology: str = "full",
+    quantize: str | None = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> PyTree:
     r"""Permutes a random subset of coordinates across members (WASH's shuffle).
 
     Every coordinate of a tensor with probability :math:`p` is selected
     independently with probability :math:`p`; the members' values of a
-    selected coordinate :math:`c` are permuted by a uniform random
-    permutation :math:`\pi_c` (identity allowed):
+    selected coordinate :math:`c` are permuted by a random permutation
+    :math:`\pi_c` (``topology="full"``: uniform, identity allowed;
+    ``"ring"``: a cyclic shift by :math:`\pm 1`):
 
     .. math::
       w_{i, c} \leftarrow w_{\pi_c(i), c}.
 
     Values are moved, never recomputed: per coordinate the multiset of member
-    values, hence the member mean, is unchanged exactly. Every member and
-    device must pass the same ``key``.
+    values, hence the member mean, is unchanged exactly (unless ``quantize``
+    rounds the selected values, see :func:`wash`). Every member and device
+    must pass the same ``key``.
 
     Args:
       tree: a stacked ensemble (stacked mode) or one member (named mode).
       key: a PRNG key shared by every member.
       probs: a float in ``[0, 1]`` for every tensor, or a pytree of floats
         with the structure of ``tree`` (see :func:`wash_layer_probs`).
+      topology: ``"full"`` or ``"ring"``, as in :func:`wash`.
+      quantize: ``None``, ``"bfloat16"`` or ``"float16"``, as in :func:`wash`.
       axis_name: ``None`` (stacked mode) or the mapped member axis name(s).
 
     Returns:
@@ -554,6 +764,8 @@ def shuffle_coordinates(
       Array([[ 0.,  1.,  2.],
              [10., 11., 12.]], dtype=float32)
     """
+    _check_choice("topology", topology, _TOPOLOGIES)
+    _check_choice("quantize", quantize, _QUANTIZE)
     stacked = axis_name is None
     leaves, treedef = jax.tree.flatten(tree)
     if isinstance(probs, (int, float, np.number)) and not isinstance(probs, bool):
@@ -568,7 +780,7 @@ def shuffle_coordinates(
         for i, (leaf, p) in enumerate(zip(leaves, prob_list))
     ]
     flat = [_flat(leaf, stacked) for leaf in leaves]
-    out = _shuffle(flat, [], jobs, key, num_members, axis_name)
+    out = _shuffle(flat, [], jobs, key, num_members, axis_name, topology, quantize)
     return jax.tree.unflatten(
         treedef, [o.reshape(leaf.shape) for o, leaf in zip(out, leaves)]
     )
@@ -620,11 +832,87 @@ def _make_job(leaf_id, size, prob, arrays, bases):
     return _Job(leaf_id, size, prob, slots, tuple(arrays), tuple(bases))
 
 
+_TOPOLOGIES = ("full", "ring")
+_PROB_COUNTS = ("selections", "moves")
+_QUANTIZE = (None, "bfloat16", "float16")
+
+
+def _check_seed(seed):
+    """An integer seed: a Python/NumPy integer or an integer scalar array (as
+    ``optax.inject_hyperparams`` passes it; it may be traced)."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(seed, (int, np.integer)):
+        return
+    if (
+        isinstance(seed, (np.ndarray, jax.Array))
+        and np.ndim(seed) == 0
+        and jnp.issubdtype(seed.dtype, jnp.integer)
+    ):
+        return
+    raise ValueError(f"seed must be an integer, got {seed!r}.")
+
+
+def _check_interval(interval):
+    """``interval``: a Python integer >= 1, or an integer scalar array (as
+    ``optax.inject_hyperparams`` passes it; a run-time value below 1 acts as 1)."""
+    if isinstance(interval, (bool, np.bool_)):
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+    if isinstance(interval, (int, np.integer)):
+        if interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+        return
+    if (
+        isinstance(interval, (np.ndarray, jax.Array))
+        and np.ndim(interval) == 0
+        and jnp.issubdtype(interval.dtype, jnp.integer)
+    ):
+        if not isinstance(interval, jax.core.Tracer) and int(interval) < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+        return
+    raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
+
+
+def _check_choice(name, value, allowed):
+    if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def _selection_probs(probs, num_members, prob_counts):
+    """Per-tensor selection probabilities: ``p`` itself, or with
+    ``prob_counts="moves"`` ``p / (1 - 1/M)`` (a selected value stays with
+    its member with probability ``1/M`` under a uniform permutation)."""
+    if prob_counts == "selections" or num_members < 2:
+        return probs
+    scale = num_members / (num_members - 1)
+    out = [p * scale for p in probs]
+    if max(out) > 1.0:
+        raise ValueError(
+            f"shuffle_prob: with prob_counts='moves' and {num_members} members the "
+            f"selection probability p * M / (M - 1) = {max(out):g} exceeds 1; "
+            f"use p <= {1 / scale:g}."
+        )
+    return out
+
+
+def _is_placeholder(params) -> bool:
+    """Whether ``params`` is the placeholder object with which
+    ``optax.tree_utils.tree_map_params`` initializes to locate the
+    params-shaped parts of a state (a pytree node without leaves)."""
+    return not jax.tree.leaves(params) and type(params).__name__ == (
+        "_ParamsPlaceholder"
+    )
+
+
 def wash(
     inner: optax.GradientTransformation,
     *,
     shuffle_prob: float = 0.01,
-    layer_probs="linear",
+    interval: int = 1,
+    topology: str = "full",
+    prob_counts: str = "selections",
+    quantize: str | None = None,
+    layer_probs=None,
     depth_order=None,
     shuffle_opt_state: bool = False,
     seed: int = 0,
@@ -635,8 +923,9 @@ def wash(
     Every member takes the inner optimizer's step, then each coordinate
     :math:`c` of a tensor with probability :math:`p_l` is selected
     independently, and the members' new values of a selected coordinate are
-    permuted by a uniformly random permutation :math:`\pi_c` of the
-    :math:`M` members (identity allowed: :math:`p` counts selections):
+    permuted by a random permutation :math:`\pi_c` of the :math:`M` members
+    (``topology="full"``: uniform, identity allowed; ``"ring"``: a cyclic
+    shift by :math:`\pm 1`, as in a ring of workers):
 
     .. math::
       w^{t+1}_{i,c} = \begin{cases}
@@ -644,44 +933,64 @@ def wash(
         w^t_{i,c} + u^t_{i,c} & \text{otherwise,}
       \end{cases}
 
-    where :math:`u_i^t` is the inner update of member :math:`i`. Per
-    coordinate the multiset of member values is unchanged, so the member mean
-    is the mean the members would have without shuffling. The random
-    decisions use one key for all members and devices,
-    ``fold_in(PRNGKey(seed), step)``; the member index is never folded in.
+    where :math:`u_i^t` is the inner update of member :math:`i`. The shuffle
+    runs after update :math:`t` (0-based) when :math:`t \bmod` ``interval``
+    :math:`= 0` (after the first update, then every ``interval``-th).
+
+    The returned update at a shuffled coordinate is the new value minus the
+    parameter, so ``optax.apply_updates`` returns the moved value up to two
+    roundings (of that difference and of the addition): exactly when the two
+    values are within a factor of 2, else within one ulp of the larger of
+    the two in magnitude. Per coordinate the multiset of member values, hence
+    the member mean, is unchanged up to that rounding. The random decisions
+    use one key for all members and devices, ``fold_in(PRNGKey(seed),
+    step)``; the member index is never folded in.
 
     Only the selected values move: ``O(k)`` work and, in the sharded and named
     backends, one ``all_to_all`` of about :math:`k` values per member and
     dtype, where :math:`k \approx \sum_l p_l d_l` (see
-    :func:`optax_wa.members.permute_members`). With the member axis split over
-    an explicit mesh (``jax.make_mesh``'s default), stacked mode finds the
-    mesh in the params' type and runs the exchange under ``jax.shard_map``.
+    :func:`optax_wa.members.permute_members`); ``quantize="bfloat16"`` or
+    ``"float16"`` sends float32 values in 16 bits (half the bytes). With the
+    member axis split over an explicit mesh (``jax.make_mesh``'s default),
+    stacked mode finds the mesh in the params' type and runs the exchange
+    under ``jax.shard_map``.
 
-    The returned update is ``new_params - params`` at the shuffled
-    coordinates and the inner update elsewhere, so ``wash`` must be the last
-    element of an ``optax.chain``. Extra keyword arguments of ``update`` go to
-    every member's inner update unchanged. The final model is the uniform
-    average of the members (:func:`optax_wa.members.average_members`, then
-    recalibrate BatchNorm statistics).
+    ``wash`` must be the last element of an ``optax.chain``. Extra keyword
+    arguments of ``update`` go to every member's inner update unchanged. The
+    final model is the uniform average of the members
+    (:func:`optax_wa.members.average_members`, then recalibrate BatchNorm
+    statistics).
 
     Args:
       inner: the per-member optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``).
       shuffle_prob: :math:`p`, in ``[0, 1]``; static (it sizes buffers): with
         ``optax.inject_hyperparams`` list it in ``static_args``.
-      layer_probs: ``"linear"`` (:math:`p_l = p(1 - l/(L-1))`, first layer
-        :math:`p`, last layer 0, depth from ``depth_order``), ``"constant"``,
-        a callable ``(path, leaf) -> p`` or a pytree of floats (see
+      interval: shuffle after every ``interval``-th update (an integer >= 1;
+        may be injected, a run-time value below 1 acts as 1).
+      topology: ``"full"`` (uniform permutations) or ``"ring"`` (a selected
+        value moves to the next or the previous member).
+      prob_counts: ``"selections"`` (default: :math:`p` is the selection
+        probability; a fraction :math:`p(M-1)/M` of the values changes
+        member under ``"full"``) or ``"moves"`` (select with probability
+        :math:`p / (1 - 1/M)`, so that a fraction :math:`p` moves under
+        ``"full"``; the reference simulator's reading).
+      quantize: ``None``, ``"bfloat16"`` or ``"float16"``: the selected
+        values of wider float tensors are rounded to this dtype (to nearest;
+        finite values saturate at its largest value) and travel in it.
+      layer_probs: ``None`` (default: ``"constant"``, or ``"linear"`` when
+        ``depth_order`` is given), ``"constant"``, ``"linear"`` (:math:`p_l =
+        p(1 - l/(L-1))`: first layer :math:`p`, last layer 0), a callable
+        ``(path, leaf) -> p`` or a pytree of floats (see
         :func:`wash_layer_probs`).
-      depth_order: the depth of every tensor for ``"linear"``: path prefixes
-        from the first layer to the last (e.g. ``["conv_in", "block_0",
-        "block_1", "head"]``) or a callable ``(path, leaf) -> depth``. Needed
-        for ``"linear"`` when the params have more than one tensor.
+      depth_order: the depth of every tensor for the linear schedule: path
+        prefixes from the first layer to the last (e.g. ``["conv_in",
+        "block_0", "block_1", "head"]``) or a callable ``(path, leaf) ->
+        depth`` (:func:`execution_depth_order` derives it from a forward
+        pass). Giving it selects ``"linear"``.
       shuffle_opt_state: if True, the inner state's params-shaped leaves
         (momentum, Adam moments) are shuffled with the same coordinates and
         permutations as their parameter (WASH+Opt).
-      seed: the integer seed of the shuffle; static (with
-        ``optax.inject_hyperparams``, list ``"shuffle_prob"`` and ``"seed"`` in
-        ``static_args``).
+      seed: the integer seed of the shuffle (may be injected).
       axis_name: ``None`` (stacked mode: params carry a leading member axis)
         or the mapped member axis name (named mode; a tuple of names spans
         several mapped axes, e.g. ``("members", "local")`` for members vmapped
@@ -693,7 +1002,7 @@ def wash(
     Examples:
       >>> import jax, jax.numpy as jnp, optax, optax_wa
       >>> params = {"w": jnp.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]])}
-      >>> opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=1.0, layer_probs="constant")
+      >>> opt = optax_wa.wash(optax.sgd(0.1), shuffle_prob=1.0)
       >>> state = opt.init(params)
       >>> updates, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
       >>> new = optax.apply_updates(params, updates)
@@ -705,22 +1014,23 @@ def wash(
       Weight Shuffling, then Average <https://arxiv.org/abs/2405.17517>`_, 2024.
     """
     shuffle_prob = _check_prob("shuffle_prob", shuffle_prob)
+    _check_interval(interval)
+    _check_choice("topology", topology, _TOPOLOGIES)
+    _check_choice("prob_counts", prob_counts, _PROB_COUNTS)
+    _check_choice("quantize", quantize, _QUANTIZE)
     _check_layer_probs(layer_probs)
     _check_depth_order(depth_order)
+    layer_probs = _resolve_layer_probs(layer_probs, depth_order)
     if not isinstance(shuffle_opt_state, bool):
         raise ValueError(
             f"shuffle_opt_state must be a bool, got {shuffle_opt_state!r}."
         )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(
-            f"seed must be a Python integer, got {seed!r} (it is static: with "
-            "optax.inject_hyperparams list it in static_args)."
-        )
+    _check_seed(seed)
     raw_inner = optax.with_extra_args_support(inner)
     per_member = members.per_member(raw_inner, axis_name)
     stacked = axis_name is None
 
-    def probabilities(params):
+    def probabilities(params, num_members):
         probs = wash_layer_probs(
             params,
             shuffle_prob=shuffle_prob,
@@ -728,15 +1038,16 @@ def wash(
             depth_order=depth_order,
             stacked=stacked,
         )
-        return jax.tree.leaves(probs)
+        return _selection_probs(jax.tree.leaves(probs), num_members, prob_counts)
 
     def init_fn(params):
-        probabilities(params)  # validate against the params now
-        return WashState(
-            count=jnp.zeros([], jnp.int32),
-            key=jax.random.PRNGKey(int(seed)),
-            inner_state=per_member.init(params),
-        )
+        key = jax.random.PRNGKey(seed)
+        if _is_placeholder(params):  # tree_map_params: the state's structure only
+            inner_state = raw_inner.init(params)
+        else:
+            probabilities(params, _init_member_count(params, axis_name))
+            inner_state = per_member.init(params)
+        return WashState(jnp.zeros([], jnp.int32), key, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -747,48 +1058,86 @@ def wash(
             updates, state.inner_state, params, **extra_args
         )
         count = optax.safe_increment(state.count)
-        probs = probabilities(params)
-        if not any(probs):
+        num_members = _member_count(params, axis_name)
+        probs = probabilities(params, num_members)
+        if not any(probs) or num_members < 2:
             return inner_updates, WashState(count, state.key, inner_state)
 
-        param_leaves, treedef = jax.tree.flatten(params)
-        update_leaves = treedef.flatten_up_to(inner_updates)
-        arrays = [_flat(u, stacked) for u in update_leaves]
-        bases = [_flat(p, stacked) for p in param_leaves]
-        groups, rebuild = {}, None
-        if shuffle_opt_state:
-            groups, rebuild = _params_shaped_state(raw_inner, inner_state, params)
-        jobs, state_slots = [], {}
-        for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
-            if prob == 0.0:
-                continue
-            job_arrays, job_bases = [i], [i]
-            for s in groups.get(i, []):
-                state_slots.setdefault(i, []).append(len(arrays))
-                job_arrays.append(len(arrays))
-                job_bases.append(None)
-                arrays.append(_flat(s, stacked))
-            jobs.append(
-                _make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases)
+        def shuffled(inner_updates, inner_state):
+            return _shuffle_step(
+                raw_inner,
+                inner_updates,
+                inner_state,
+                params,
+                probs,
+                jax.random.fold_in(state.key, state.count),
+                num_members,
+                axis_name,
+                shuffle_opt_state=shuffle_opt_state,
+                topology=topology,
+                quantize=quantize,
             )
 
-        step_key = jax.random.fold_in(state.key, state.count)
-        num_members = _member_count(params, axis_name)
-        out = _shuffle(arrays, bases, jobs, step_key, num_members, axis_name)
-        new_updates = jax.tree.unflatten(
-            treedef, [o.reshape(u.shape) for o, u in zip(out, update_leaves)]
-        )
-        if shuffle_opt_state:
-            new_groups = {
-                i: [
-                    out[a].reshape(s.shape)
-                    for a, s in zip(state_slots.get(i, []), groups[i])
-                ]
-                if i in state_slots
-                else groups[i]
-                for i in groups
-            }
-            inner_state = rebuild(new_groups)
+        if isinstance(interval, (int, np.integer)) and interval == 1:
+            new_updates, inner_state = shuffled(inner_updates, inner_state)
+        else:
+            due = state.count % jnp.maximum(interval, 1) == 0
+            new_updates, inner_state = jax.lax.cond(
+                due, shuffled, lambda u, s: (u, s), inner_updates, inner_state
+            )
         return new_updates, WashState(count, state.key, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _shuffle_step(
+    raw_inner,
+    inner_updates,
+    inner_state,
+    params,
+    probs,
+    key,
+    num_members,
+    axis_name,
+    *,
+    shuffle_opt_state,
+    topology,
+    quantize,
+):
+    """One shuffle of the updates (and, for WASH+Opt, of the params-shaped
+    inner state): returns ``(new updates, new inner state)``."""
+    stacked = axis_name is None
+    param_leaves, treedef = jax.tree.flatten(params)
+    update_leaves = treedef.flatten_up_to(inner_updates)
+    arrays = [_flat(u, stacked) for u in update_leaves]
+    bases = [_flat(p, stacked) for p in param_leaves]
+    groups, rebuild = {}, None
+    if shuffle_opt_state:
+        groups, rebuild = _params_shaped_state(raw_inner, inner_state, params)
+    jobs, state_slots = [], {}
+    for i, (leaf, prob) in enumerate(zip(param_leaves, probs)):
+        if prob == 0.0:
+            continue
+        job_arrays, job_bases = [i], [i]
+        for s in groups.get(i, []):
+            state_slots.setdefault(i, []).append(len(arrays))
+            job_arrays.append(len(arrays))
+            job_bases.append(None)
+            arrays.append(_flat(s, stacked))
+        jobs.append(
+            _make_job(i, _leaf_size(leaf, stacked), prob, job_arrays, job_bases)
+        )
+
+    out = _shuffle(arrays, bases, jobs, key, num_members, axis_name, topology, quantize)
+    new_updates = jax.tree.unflatten(
+        treedef, [o.reshape(u.shape) for o, u in zip(out, update_leaves)]
+    )
+    if shuffle_opt_state:
+        new_groups = {
+            i: [out[a].reshape(s.shape) for a, s in zip(state_slots[i], groups[i])]
+            if i in state_slots
+            else groups[i]
+            for i in groups
+        }
+        inner_state = rebuild(new_groups)
+    return new_updates, inner_state

@@ -95,3 +95,9 @@ def test_lowered_but_not_compiled_is_rejected():
     lowered = jax.jit(lambda x: x + 1).lower(jnp.ones(3))
     with pytest.raises(ValueError, match="compiled"):
         collective_bytes(lowered)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "", 3, None])
+def test_not_hlo_is_rejected(bad):
+    with pytest.raises(ValueError, match="collective_bytes"):
+        collective_bytes(bad)

@@ -345,3 +345,43 @@ def test_same_inputs_give_identical_outputs(case):
     second, _ = _run(opt, case, _params(), update=_jit(opt.update))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ``optax.inject_hyperparams`` on the real factories, with their real
+# signatures and defaults (no lambda in between): integer arguments (seeds,
+# periods) are injected as integer arrays, traced under ``jax.jit``.
+REAL_FACTORIES = {
+    "wash": (
+        optax_wa.wash,
+        {"inner": optax.sgd(0.1, momentum=0.9), "shuffle_prob": 0.1},
+        ("shuffle_prob",),
+    ),
+    "wash_options": (
+        optax_wa.wash,
+        {
+            "inner": optax.adam(0.1),
+            "shuffle_prob": 0.1,
+            "interval": 2,
+            "topology": "ring",
+            "quantize": "bfloat16",
+            "shuffle_opt_state": True,
+            "seed": 3,
+        },
+        ("shuffle_prob",),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FACTORIES))
+def test_inject_hyperparams_on_the_real_factory(name):
+    factory, kwargs, static_args = REAL_FACTORIES[name]
+    case = Case(make=factory, hyperparams={})
+    plain_opt = factory(**kwargs)
+    plain, _ = _run(plain_opt, case, _params(), update=_jit(plain_opt.update))
+    injected_opt = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    injected, _ = _run(injected_opt, case, _params(), update=_jit(injected_opt.update))
+    chex.assert_trees_all_equal(plain, injected)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(_params()))
+    )
