@@ -37,6 +37,12 @@ Array = jax.Array
 # He initialization for convolutions followed by ReLU (fan-out, as torchvision).
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# Every 3x3 convolution of the ResNets pads one pixel on each side, as the
+# released PyTorch models (``padding=1``) do. Flax's "SAME" would pad (0, 1)
+# at stride 2 on even sizes, so the residual branch would read other pixels
+# than the strided 1x1 shortcut.
+_PAD3 = ((1, 1), (1, 1))
+
 
 class SlimmableProjectionHead(nnx.Module):
     """Two-layer projection head: hidden units sliced, output dimension shared.
@@ -309,7 +315,7 @@ class SlimmableCNN1D(_Encoder):
 
 
 class BasicBlock(nnx.Module):
-    """ResNet basic block (two 3x3 convolutions) with switchable BN."""
+    """ResNet basic block (two 3x3 convolutions, padding 1) with switchable BN."""
 
     expansion = 1
 
@@ -317,13 +323,15 @@ class BasicBlock(nnx.Module):
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
         self.conv1 = SlimmableConv(
-            in_features, features, (3, 3), strides=stride, **conv
+            in_features, features, (3, 3), strides=stride, padding=_PAD3, **conv
         )
         self.bn1 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv2 = SlimmableConv(features, out, (3, 3), **conv)
+        self.conv2 = SlimmableConv(features, out, (3, 3), padding=_PAD3, **conv)
         self.bn2 = SwitchableBatchNorm(out, widths, scale_init=zeros_init, rngs=rngs)
         if stride != 1 or in_features != out:
-            self.proj = SlimmableConv(in_features, out, (1, 1), strides=stride, **conv)
+            self.proj = SlimmableConv(
+                in_features, out, (1, 1), strides=stride, padding=0, **conv
+            )
             self.proj_bn = SwitchableBatchNorm(out, widths, rngs=rngs)
         else:
             self.proj = self.proj_bn = nnx.data(None)
@@ -337,21 +345,25 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """ResNet bottleneck block (1x1, 3x3 with the stride, 1x1 x4) with switchable BN."""
+    """ResNet bottleneck (1x1, 3x3 with the stride and padding 1, 1x1 x4), switchable BN."""
 
     expansion = 4
 
     def __init__(self, in_features, features, stride, widths, *, rngs):
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
-        self.conv1 = SlimmableConv(in_features, features, (1, 1), **conv)
+        self.conv1 = SlimmableConv(in_features, features, (1, 1), padding=0, **conv)
         self.bn1 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv2 = SlimmableConv(features, features, (3, 3), strides=stride, **conv)
+        self.conv2 = SlimmableConv(
+            features, features, (3, 3), strides=stride, padding=_PAD3, **conv
+        )
         self.bn2 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv3 = SlimmableConv(features, out, (1, 1), **conv)
+        self.conv3 = SlimmableConv(features, out, (1, 1), padding=0, **conv)
         self.bn3 = SwitchableBatchNorm(out, widths, scale_init=zeros_init, rngs=rngs)
         if stride != 1 or in_features != out:
-            self.proj = SlimmableConv(in_features, out, (1, 1), strides=stride, **conv)
+            self.proj = SlimmableConv(
+                in_features, out, (1, 1), strides=stride, padding=0, **conv
+            )
             self.proj_bn = SwitchableBatchNorm(out, widths, rngs=rngs)
         else:
             self.proj = self.proj_bn = nnx.data(None)
@@ -423,6 +435,7 @@ class SlimmableResNet(_Encoder):
                 in_channels,
                 num_filters,
                 (3, 3),
+                padding=_PAD3,
                 slice_input=False,
                 use_bias=False,
                 kernel_init=_conv_init,
