@@ -196,7 +196,7 @@ def _cifar_resnet(widths, scale=1.0):
         widths,
         num_filters=int(8 * scale),
         projection_dim=3,
-        head_batch_norm=True,
+        head_type="simclr",
         rngs=_rngs(0),
     )
 
@@ -554,3 +554,68 @@ def test_cifar_example_stride2_block_equals_released_padding():
         (1, 1),
     )
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Projection heads as released.
+
+
+def _np_bn_train(x, norm, eps=1e-5):
+    """Train-mode BatchNorm: batch mean and biased variance, then the affine (if any)."""
+    y = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+    if norm.scale is not None:
+        y = y * np.asarray(norm.scale[...], np.float64)
+    if norm.bias is not None:
+        y = y + np.asarray(norm.bias[...], np.float64)
+    return y
+
+
+@pytest.mark.parametrize("kind", ["simclr", "mocov3", "predictor", "mocov2"])
+def test_projection_head_equals_released_numpy_head(kind):
+    """Train-mode head == NumPy ``Linear -> [BN] -> ReLU -> Linear -> [BN]`` per kind."""
+    slice_input = kind != "predictor"
+    head = _randomize(
+        sl.SlimmableProjectionHead(
+            8, 12, 5, WIDTHS, slice_input=slice_input, kind=kind, rngs=_rngs(0)
+        ),
+        11,
+    )
+    # The released layers: which biases and BNs exist.
+    has = {
+        "simclr": (True, True, False, "affine"),
+        "mocov3": (False, True, False, "plain"),
+        "predictor": (False, True, False, None),
+        "mocov2": (True, False, True, None),
+    }[kind]
+    assert (head.fc1.bias is not None, head.norm is not None) == has[:2]
+    assert (head.fc2.bias is not None) == has[2]
+    if has[3] is None:
+        assert head.out_norm is None
+    else:
+        assert head.out_norm.widths == WIDTHS
+        assert (head.out_norm.norm(0.5).scale is not None) == (has[3] == "affine")
+    a = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    for width in WIDTHS:
+        n_in = sl.slim_size(8, width) if slice_input else 8
+        n_hid = sl.slim_size(12, width)
+        x = np.asarray(_normal(int(4 * width), (6, n_in)), np.float64)
+        got = np.asarray(head(jnp.asarray(x, jnp.float32), width, False))
+        h = x @ a(head.fc1.kernel)[:n_in, :n_hid]
+        if has[0]:
+            h = h + a(head.fc1.bias)[:n_hid]
+        if has[1]:
+            h = _np_bn_train(h, head.norm.norm(width))
+        z = np.maximum(h, 0.0) @ a(head.fc2.kernel)[:n_hid]
+        if has[2]:
+            z = z + a(head.fc2.bias)
+        if has[3] is not None:
+            z = _np_bn_train(z, head.out_norm.norm(width))
+        np.testing.assert_allclose(got, z, atol=2e-5, rtol=2e-5)
+        if has[3] == "plain":
+            # No affine: every output column is standardized over the batch.
+            np.testing.assert_allclose(got.mean(0), 0.0, atol=1e-5)
+
+
+def test_projection_head_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        sl.SlimmableProjectionHead(4, 4, 2, WIDTHS, kind="byol", rngs=_rngs(0))

@@ -241,7 +241,7 @@ def test_freeze_until_rejects_bad_switch_step(switch_step):
 
 def test_sub_width_mask_marks_only_narrower_switchable_variables():
     model = sl.SlimmableMLP(
-        4, (8, 8), WIDTHS4, projection_dim=2, head_batch_norm=True, rngs=_rngs(0)
+        4, (8, 8), WIDTHS4, projection_dim=2, head_type="simclr", rngs=_rngs(0)
     )
     mask = sl.sub_width_mask(model)
     variables = nnx.state(model, nnx.Param)
@@ -252,8 +252,9 @@ def test_sub_width_mask_marks_only_narrower_switchable_variables():
     assert len(flat_mask) == len(flat_vars)
     for m, v in zip(flat_mask, flat_vars):
         assert m == (v.get_metadata().get("switch_width", 1.0) < 1.0)
-    # 3 switchable norms x 3 narrower widths x (scale, bias).
-    assert sum(flat_mask) == 18
+    # 4 switchable norms (2 blocks, the head's hidden and output BN) x 3
+    # narrower widths x (scale, bias).
+    assert sum(flat_mask) == 24
     assert jax.tree.structure(mask) == jax.tree.structure(nnx.as_pure(variables))
 
 

@@ -54,7 +54,7 @@ PyTree = Any
 def create_model(config, rngs: nnx.Rngs):
     """The slimmable encoder of ``config.model``, with a projection head."""
     widths = tuple(config.widths)
-    head_bn = config.framework == "simclr"
+    head_type = config.framework  # the released head of each framework
     if config.model == "cnn1d":
         return sl.SlimmableCNN1D(
             1,
@@ -62,7 +62,7 @@ def create_model(config, rngs: nnx.Rngs):
             widths,
             kernel_size=config.kernel_size,
             projection_dim=config.projection_dim,
-            head_batch_norm=head_bn,
+            head_type=head_type,
             rngs=rngs,
         )
     if config.model == "resnet":
@@ -72,7 +72,7 @@ def create_model(config, rngs: nnx.Rngs):
             num_filters=config.num_filters,
             stem="cifar",
             projection_dim=config.projection_dim,
-            head_batch_norm=head_bn,
+            head_type=head_type,
             rngs=rngs,
         )
     raise ValueError(f"config.model must be 'cnn1d' or 'resnet', got {config.model!r}.")
