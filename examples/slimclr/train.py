@@ -51,31 +51,94 @@ PyTree = Any
 # 1. Model and optimizer
 
 
+FRAMEWORKS = ("simclr", "mocov2", "mocov3")
+
+
+def _check_framework(config):
+    if config.framework not in FRAMEWORKS:
+        raise ValueError(
+            f"config.framework must be one of {FRAMEWORKS}, got {config.framework!r}."
+        )
+
+
+class WithPredictor(nnx.Module):
+    """A slimmable encoder and MoCo v3's slimmable predictor.
+
+    ``model(x)`` is the encoder's projection (what the momentum encoder
+    computes), ``model.predict(x)`` the predictor on top of it, and
+    ``model.features`` the backbone representation the probe reads.
+    """
+
+    def __init__(self, encoder, predictor):
+        self.encoder = encoder
+        self.predictor = predictor
+        self.widths = encoder.widths
+        self.num_features = encoder.num_features
+        self.features_sliced = encoder.features_sliced
+
+    def feature_dim(self, width: float) -> int:
+        return self.encoder.feature_dim(width)
+
+    def features(self, x, width: float = 1.0, use_running_average=None):
+        return self.encoder.features(x, width, use_running_average)
+
+    def __call__(self, x, width: float = 1.0, use_running_average=None):
+        return self.encoder(x, width, use_running_average)
+
+    def predict(self, x, width: float = 1.0, use_running_average=None):
+        z = self.encoder(x, width, use_running_average)
+        return self.predictor(z, width, use_running_average)
+
+
 def create_model(config, rngs: nnx.Rngs):
-    """The slimmable encoder of ``config.model``, with a projection head."""
+    """The slimmable encoder of ``config.model`` with the framework's released head.
+
+    SimCLR's head ends with a switchable BatchNorm, MoCo v2's is ``Linear ->
+    ReLU -> Linear``; MoCo v3 adds a slimmable predictor (:class:`WithPredictor`)
+    and both of its MLPs have ``config.mlp_dim`` hidden units (the
+    representation size if ``None``).
+    """
+    _check_framework(config)
     widths = tuple(config.widths)
-    head_type = config.framework  # the released head of each framework
+    head = dict(
+        projection_dim=config.projection_dim,
+        head_hidden=config.get("mlp_dim"),
+        head_type=config.framework,
+    )
     if config.model == "cnn1d":
-        return sl.SlimmableCNN1D(
+        encoder = sl.SlimmableCNN1D(
             1,
             tuple(config.channels),
             widths,
             kernel_size=config.kernel_size,
-            projection_dim=config.projection_dim,
-            head_type=head_type,
             rngs=rngs,
+            **head,
         )
-    if config.model == "resnet":
-        return sl.SlimmableResNet(
+    elif config.model == "resnet":
+        encoder = sl.SlimmableResNet(
             tuple(config.stage_sizes),
             widths,
             num_filters=config.num_filters,
             stem="cifar",
-            projection_dim=config.projection_dim,
-            head_type=head_type,
             rngs=rngs,
+            **head,
         )
-    raise ValueError(f"config.model must be 'cnn1d' or 'resnet', got {config.model!r}.")
+    else:
+        raise ValueError(
+            f"config.model must be 'cnn1d' or 'resnet', got {config.model!r}."
+        )
+    if config.framework != "mocov3":
+        return encoder
+    predictor = sl.SlimmableProjectionHead(
+        config.projection_dim,
+        config.get("mlp_dim") or encoder.num_features,
+        config.projection_dim,
+        widths,
+        slice_input=False,
+        kind="predictor",
+        rngs=rngs,
+    )
+    return WithPredictor(encoder, predictor)
 
 
 def init_model(config):
@@ -102,13 +165,60 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def learning_rate_schedule(
+    config, total_steps: int, switch_step: int, steps_per_epoch: int
+):
+    """Linear warmup then cosine, with the released reset at the slow-start switch.
+
+    The base rate is ``config.learning_rate * batch_size / 256``. With
+    ``config.slim_start_lr`` set, the rate from the switch on is the same
+    cosine with that base rate (scaled the same way), as the released trainer
+    resets the scheduler's initial rate when the sub-networks start training.
+    """
+    warmup = min(config.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+    scale = config.batch_size / 256
+    base = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate * scale, warmup, max(total_steps, 1)
+    )
+    slim_lr = config.get("slim_start_lr")
+    if slim_lr is None:
+        return base
+    if not slim_lr > 0:
+        raise ValueError(f"config.slim_start_lr must be > 0, got {slim_lr!r}.")
+    ratio = slim_lr / config.learning_rate
+
+    def schedule(count):
+        return base(count) * jnp.where(count >= switch_step, ratio, 1.0)
+
+    return schedule
+
+
+def lars(learning_rate, *, weight_decay, momentum, trust_coefficient=1e-3):
+    r"""The released LARS (MoCo v3's, used by SlimCLR) from optax pieces.
+
+    For every kernel (``ndim > 1``): :math:`d = g + \lambda p`, scaled by
+    :math:`\eta \lVert p\rVert / \lVert d\rVert` (by 1 where a norm is 0);
+    biases and norm parameters get neither. Then heavy-ball momentum and the
+    learning rate, in that order: ``mu = m * mu + d; p -= lr * mu``.
+    ``optax.lars`` scales by the learning rate before the momentum, which is
+    the same for a constant rate but not across the ``slim_start_lr`` reset.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+        optax.masked(
+            optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
+            _decay_mask,
+        ),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 def create_optimizer(
     config, model, total_steps: int, switch_step: int, steps_per_epoch: int
 ):
-    """SGD (momentum) or AdamW with warmup + cosine, wrapped for SlimCLR."""
-    warmup = min(config.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
-    lr = config.learning_rate * config.batch_size / 256
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, 1))
+    """SGD (momentum), AdamW or LARS, warmup + cosine, wrapped for SlimCLR."""
+    schedule = learning_rate_schedule(config, total_steps, switch_step, steps_per_epoch)
     if config.optimizer == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
@@ -116,9 +226,17 @@ def create_optimizer(
         )
     elif config.optimizer == "adamw":
         base = optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+    elif config.optimizer == "lars":
+        base = lars(
+            schedule,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            trust_coefficient=config.get("trust_coefficient", 1e-3),
+        )
     else:
         raise ValueError(
-            f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}."
+            "config.optimizer must be 'sgd', 'adamw' or 'lars', "
+            f"got {config.optimizer!r}."
         )
     widths = tuple(config.widths)
     chain = []
@@ -135,7 +253,7 @@ class TrainState(NamedTuple):
     params: PyTree
     batch_stats: PyTree
     opt_state: PyTree
-    key_params: PyTree  # MoCo v2 key encoder (empty for SimCLR)
+    key_params: PyTree  # MoCo momentum encoder (empty for SimCLR)
     key_stats: PyTree
     queue: PyTree
 
@@ -148,11 +266,18 @@ def _pure(state):
 # 2. Pretraining
 
 
-def _loss_vector(params, batch_stats, graphdef, v1, v2, key_out, queue, config, widths):
+def _loss_vector(params, batch_stats, graphdef, v1, v2, keys, queue, config, widths):
     """Per-width losses ``[L_1..L_W, KD_1..KD_W]`` of the widths in ``widths``.
 
     Widths of ``config.widths`` not in ``widths`` (before the slow-start switch)
     get zero losses and are not run, so their statistics stay unchanged.
+    ``keys`` are the momentum encoder's outputs: the keys of ``v2`` (MoCo
+    v2) or of both views (MoCo v3).
+
+    MoCo v3 (as released): ``L_i`` is the symmetrized loss
+    :func:`~optax_wa.slimmable.mocov3_loss` of the width-``i`` predictions
+    against the full-width momentum keys, and ``KD_i`` the distillation of
+    both halves' similarity rows toward the full width's.
     """
     model = nnx.merge(graphdef, params, batch_stats)
     all_widths = tuple(config.widths)
@@ -164,21 +289,38 @@ def _loss_vector(params, batch_stats, graphdef, v1, v2, key_out, queue, config, 
             z1 = model(v1, width=w, use_running_average=False)
             z2 = model(v2, width=w, use_running_average=False)
             loss, logits = sl.nt_xent(z1, z2, config.temperature)
-        else:
+            logits = (logits,)
+        elif config.framework == "mocov2":
             q = model(v1, width=w, use_running_average=False)
-            loss, logits = sl.info_nce(q, key_out, queue.keys, config.temperature)
+            loss, logits = sl.info_nce(q, keys, queue.keys, config.temperature)
+            logits = (logits,)
+        else:
+            q1 = model.predict(v1, width=w, use_running_average=False)
+            q2 = model.predict(v2, width=w, use_running_average=False)
+            k1, k2 = keys
+            loss, logits = sl.mocov3_loss(q1, q2, k1, k2, config.temperature)
         contrast[i] = loss
         if i == 0:
             teacher = logits
         else:
-            distill[i] = sl.contrastive_distillation(
-                logits, teacher, config.distill_temperature
+            distill[i] = sum(
+                sl.contrastive_distillation(s, t, config.distill_temperature)
+                for s, t in zip(logits, teacher)
             )
     losses = jnp.stack(contrast + distill)
     return losses, _pure(nnx.state(model, nnx.BatchStat))
 
 
-def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
+def key_momentum(config, step, total_steps: int):
+    """MoCo v2's constant momentum; MoCo v3's cosine rise from ``key_momentum`` to 1."""
+    if config.framework == "mocov3":
+        return sl.moco_momentum(step, total_steps, config.key_momentum)
+    return jnp.asarray(config.key_momentum, jnp.float32)
+
+
+def make_pretrain_step(
+    graphdef, tx, config, kind: str, switch_step: int, total_steps: int = 1
+):
     """The jitted pretraining step ``(state, x, key, slim) -> (state, metrics)``.
 
     ``slim=False`` (before the slow-start switch) runs the full width only; the
@@ -195,26 +337,34 @@ def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
         mode=config.loss_weight_mode,
         distill_weight=config.distill_weight,
     )
+    momentum_encoder = config.framework in ("mocov2", "mocov3")
 
     @functools.partial(jax.jit, static_argnames="slim")
     def step(state: TrainState, x, key, slim: bool = True):
         k1, k2 = jax.random.split(key)
         v1 = input_pipeline.augment(k1, x, kind, config.augment)
         v2 = input_pipeline.augment(k2, x, kind, config.augment)
-        key_params, key_stats, queue, key_out = (
+        key_params, key_stats, queue, keys = (
             state.key_params,
             state.key_stats,
             state.queue,
             None,
         )
-        if config.framework == "mocov2":
-            # Momentum update first, then the keys (as MoCo does).
-            key_params = sl.update_key_encoder(
-                key_params, state.params, config.key_momentum
-            )
+        if momentum_encoder:
+            # Momentum update first (from the parameters before this step's
+            # update), then the keys, at full width, in training mode (as
+            # released: the momentum encoder keeps its own BN statistics).
+            m = key_momentum(config, state.step, total_steps)
+            key_params = sl.update_key_encoder(key_params, state.params, m)
             key_model = nnx.merge(graphdef, key_params, key_stats)
-            key_out = jax.lax.stop_gradient(
-                key_model(v2, width=widths[0], use_running_average=False)
+
+            def encode(v):
+                return jax.lax.stop_gradient(
+                    key_model(v, width=widths[0], use_running_average=False)
+                )
+
+            keys = (
+                encode(v2) if config.framework == "mocov2" else (encode(v1), encode(v2))
             )
             key_stats = _pure(nnx.state(key_model, nnx.BatchStat))
 
@@ -231,14 +381,14 @@ def make_pretrain_step(graphdef, tx, config, kind: str, switch_step: int):
             graphdef,
             v1,
             v2,
-            key_out,
+            keys,
             queue,
             config,
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if config.framework == "mocov2":
-            queue = sl.enqueue(queue, key_out)
+            queue = sl.enqueue(queue, keys)
         metrics = {"loss": total, "losses": losses}
         if len(widths) > 1:
             metrics["imbalance_ratio"] = opt_state[0].mean_ratio
@@ -256,22 +406,20 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
     ``history`` holds one entry per epoch: the mean loss, the per-width
     contrastive and distillation losses, and the mean imbalance ratio.
     """
+    _check_framework(config)
     model, params, batch_stats = init_model(config)
     graphdef = nnx.graphdef(model)
     steps_per_epoch = len(data.x_train) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     switch_step = int(round(config.slow_start_fraction * total_steps))
     tx = create_optimizer(config, model, total_steps, switch_step, steps_per_epoch)
-    if config.framework == "mocov2":
+    key_params = key_stats = queue = ()
+    if config.framework in ("mocov2", "mocov3"):
+        # MoCo v3's copy of the predictor is carried along and never used.
         key_params, key_stats = params, batch_stats
+    if config.framework == "mocov2":
         queue = sl.init_queue(
             jax.random.key(config.seed + 1), config.queue_size, config.projection_dim
-        )
-    elif config.framework == "simclr":
-        key_params = key_stats = queue = ()
-    else:
-        raise ValueError(
-            f"config.framework must be 'simclr' or 'mocov2', got {config.framework!r}."
         )
     state = TrainState(
         jnp.zeros([], jnp.int32),
@@ -282,7 +430,9 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
         key_stats,
         queue,
     )
-    step = make_pretrain_step(graphdef, tx, config, data.kind, switch_step)
+    step = make_pretrain_step(
+        graphdef, tx, config, data.kind, switch_step, max(total_steps, 1)
+    )
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     widths = tuple(config.widths)
