@@ -320,3 +320,66 @@ def test_lars_equals_released_numpy_lars_across_a_rate_jump():
         u, s = ref.update(jax.tree.map(jnp.asarray, g), s, q)
         q = optax.apply_updates(q, u)
     assert np.max(np.abs(np.asarray(q["bias"]) - want["bias"])) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# The released linear evaluation.
+
+
+def _np_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_released_probe_equals_numpy_sgd_with_distilled_sub_widths():
+    """3 SGD steps on raw features: sub-widths on (CE + soft CE to the full head) / 2."""
+    rng = np.random.default_rng(7)
+    n, c = 12, 3
+    widths = (1.0, 0.5)
+    y = rng.integers(0, c, n).astype(np.int32)
+    # Raw features with an offset and scale the "adam" probe would remove.
+    feats = {
+        1.0: (5.0 + 3.0 * rng.normal(size=(n, 6)), rng.normal(size=(4, 6))),
+        0.5: (5.0 + 3.0 * rng.normal(size=(n, 3)), rng.normal(size=(4, 3))),
+    }
+    feats = {w: tuple(a.astype(np.float32) for a in f) for w, f in feats.items()}
+    config = _tiny_config(
+        probe="released",
+        probe_epochs=3,
+        probe_batch_size=n,
+        probe_learning_rate=0.05,
+        probe_momentum=0.9,
+    )
+    seed = 3
+    init = train._make_probe([6, 3], c, widths, seed)
+    W = [np.asarray(h.kernel[...], np.float64) for h in init.heads]
+    b = [np.asarray(h.bias[...], np.float64) for h in init.heads]
+    mu_w, mu_b = [np.zeros_like(x) for x in W], [np.zeros_like(x) for x in b]
+    onehot = np.eye(c)[y]
+    for t in range(3):
+        lr = 0.05 * 0.5 * (1 + np.cos(np.pi * t / 3))
+        xs = [feats[w][0].astype(np.float64) for w in widths]
+        probs = [_np_softmax(x @ Wi + bi) for x, Wi, bi in zip(xs, W, b)]
+        teacher = probs[0]
+        dlogits = [(probs[0] - onehot) / n]
+        for p in probs[1:]:
+            dlogits.append(0.5 * (p - onehot) / n + 0.5 * (p - teacher) / n)
+        for i in range(2):
+            mu_w[i] = 0.9 * mu_w[i] + xs[i].T @ dlogits[i]
+            mu_b[i] = 0.9 * mu_b[i] + dlogits[i].sum(0)
+            W[i] = W[i] - lr * mu_w[i]
+            b[i] = b[i] - lr * mu_b[i]
+    accuracy, head = train.train_linear_probe(feats, y, y[:4], c, config, seed)
+    for i in range(2):
+        np.testing.assert_allclose(
+            head.heads[i].kernel[...], W[i], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(head.heads[i].bias[...], b[i], rtol=1e-4, atol=1e-5)
+    # The default protocol standardizes the features: a different result.
+    _, adam_head = train.train_linear_probe(
+        feats, y, y[:4], c, _tiny_config(probe_epochs=3, probe_batch_size=n), seed
+    )
+    assert not np.allclose(adam_head.heads[0].kernel[...], W[0], atol=1e-3)
+    with pytest.raises(ValueError, match="config.probe"):
+        train.train_linear_probe(feats, y, y[:4], c, _tiny_config(probe="lbfgs"), seed)

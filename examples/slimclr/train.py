@@ -19,11 +19,18 @@ The sections below follow one run of :func:`train_and_evaluate`:
    on the two views; MoCo v2 uses InfoNCE against a queue and a momentum key
    encoder (:func:`optax_wa.slimmable.update_key_encoder`) that computes the
    keys with its own batch statistics (MoCo's cross-device shuffled BN is not
-   reproduced).
+   reproduced); MoCo v3 uses the symmetrized loss of a slimmable predictor
+   against the full-width momentum encoder, whose momentum rises from
+   ``config.key_momentum`` to 1 on a cosine
+   (:func:`optax_wa.slimmable.moco_momentum`). ``config.slim_start_lr``
+   resets the base learning rate at the switch, as released, and
+   ``config.optimizer="lars"`` is the released LARS (:func:`lars`).
 3. **Switchable linear probe.** The frozen backbone (running statistics,
    eval mode) gives the features of each width; one linear head per width
    (:class:`optax_wa.slimmable.SwitchableLinear`) is trained on them and
-   evaluated on the test set.
+   evaluated on the test set: Adam on standardized features (default) or the
+   released protocol (``config.probe="released"``: SGD on raw features,
+   sub-width heads distilled from the full-width head).
 """
 
 from __future__ import annotations
@@ -509,52 +516,85 @@ def _features(graphdef, params, batch_stats, x, width, kind):
     return f, _pure(nnx.state(model, nnx.BatchStat))
 
 
+PROBES = ("adam", "released")
+
+
+def probe_loss(head, xs, y, widths, distill: bool):
+    """Sum over widths of the probe losses; ``xs[i]`` are the features of ``widths[i]``.
+
+    The full width (first) is trained on the cross-entropy. With ``distill``
+    (the released linear evaluation, "inplace_distill_mixed") every sub-width
+    is trained on ``(CE + soft CE toward softmax(full-width logits)) / 2``, the
+    teacher's probabilities held constant; without it on its cross-entropy.
+    """
+    logits = [head(x, width=w) for w, x in zip(widths, xs)]
+    total = optax.softmax_cross_entropy_with_integer_labels(logits[0], y).mean()
+    teacher = jax.lax.stop_gradient(jax.nn.softmax(logits[0]))
+    for sub in logits[1:]:
+        ce = optax.softmax_cross_entropy_with_integer_labels(sub, y).mean()
+        if distill:
+            soft = optax.softmax_cross_entropy(sub, teacher).mean()
+            ce = (ce + soft) / 2
+        total += ce
+    return total
+
+
 def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
     """Trains one linear head per width on fixed features; returns test accuracies.
 
     Args:
-      features: ``{width: (train_features, test_features)}``.
+      features: ``{width: (train_features, test_features)}``, widest first.
 
-    The features are standardized with the training mean and standard
-    deviation (an affine map, so the probe stays linear in the features).
-    Each head sees only its width; the heads are one
-    :class:`~optax_wa.slimmable.SwitchableLinear` trained with Adam on the sum
-    of the per-width cross-entropies.
+    ``config.probe`` picks the protocol:
+
+    * ``"adam"`` (default): the features are standardized with the training
+      mean and standard deviation (an affine map, so the probe stays linear
+      in the features); Adam with a cosine rate on the sum of the per-width
+      cross-entropies, each head seeing only its width.
+    * ``"released"``: SlimCLR's linear evaluation on raw features: SGD with
+      momentum ``config.probe_momentum``, no weight decay, a cosine rate, and
+      the sub-width heads trained on (CE + soft CE toward the full-width
+      head) / 2 (:func:`probe_loss`). The released protocol also augments
+      the images (random resized crop and flip); here the features are
+      computed once, without augmentation.
+
+    The heads are one :class:`~optax_wa.slimmable.SwitchableLinear`.
     """
+    mode = config.get("probe", "adam")
+    if mode not in PROBES:
+        raise ValueError(f"config.probe must be one of {PROBES}, got {mode!r}.")
     widths = tuple(features)
-    standardized = {}
+    prepared = {}
     for w, (tr, te) in features.items():
-        mu, sd = tr.mean(0), tr.std(0) + 1e-6
-        standardized[w] = ((tr - mu) / sd, (te - mu) / sd)
-    dims = [standardized[w][0].shape[1] for w in widths]
+        if mode == "adam":
+            mu, sd = tr.mean(0), tr.std(0) + 1e-6
+            tr, te = (tr - mu) / sd, (te - mu) / sd
+        prepared[w] = (tr, te)
+    dims = [prepared[w][0].shape[1] for w in widths]
     probe = _make_probe(dims, num_classes, widths, seed)
     graphdef, params = nnx.split(probe)
     steps_per_epoch = max(len(y_train) // config.probe_batch_size, 1)
-    tx = optax.adam(
-        optax.cosine_decay_schedule(
-            config.probe_learning_rate, steps_per_epoch * config.probe_epochs
-        )
+    schedule = optax.cosine_decay_schedule(
+        config.probe_learning_rate, steps_per_epoch * config.probe_epochs
     )
+    if mode == "adam":
+        tx = optax.adam(schedule)
+    else:
+        tx = optax.sgd(schedule, momentum=config.get("probe_momentum", 0.9))
     opt_state = tx.init(params)
 
     @jax.jit
     def step(params, opt_state, xs, y):
         def loss_fn(params):
             head = nnx.merge(graphdef, params)
-            total = 0.0
-            for w, xw in zip(widths, xs):
-                logits = head(xw, width=w)
-                total += optax.softmax_cross_entropy_with_integer_labels(
-                    logits, y
-                ).mean()
-            return total
+            return probe_loss(head, xs, y, widths, distill=mode == "released")
 
         grads = jax.grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     rng = np.random.default_rng(seed)
-    train_x = [standardized[w][0] for w in widths]
+    train_x = [prepared[w][0] for w in widths]
     for _ in range(config.probe_epochs):
         for idx in input_pipeline.epoch_indices(
             len(y_train), config.probe_batch_size, rng
@@ -565,7 +605,7 @@ def train_linear_probe(features, y_train, y_test, num_classes, config, seed):
     head = nnx.merge(graphdef, params)
     accuracy = {}
     for w in widths:
-        logits = head(jnp.asarray(standardized[w][1]), width=w)
+        logits = head(jnp.asarray(prepared[w][1]), width=w)
         accuracy[w] = float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
     return accuracy, head
 

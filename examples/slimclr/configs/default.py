@@ -70,7 +70,11 @@ def get_config():
     config.batch_size = 256
     config.num_epochs = 200
 
-    # Switchable linear probe on the frozen backbone.
+    # Switchable linear probe on the frozen backbone: "adam" (standardized
+    # features) or "released" (SGD on raw features, sub-widths distilled
+    # from the full-width head; the released recipe uses lr 0.4, 90 epochs).
+    config.probe = "adam"
+    config.probe_momentum = 0.9  # "released"
     config.probe_epochs = 50
     config.probe_batch_size = 256
     config.probe_learning_rate = 1e-2
