@@ -20,7 +20,7 @@ term on a trained SlimCLR encoder: its value, the small-logit closed form
 ``0.5 * Var_j(z_i - z_1)`` and the ratio of its gradient to the contrastive
 loss's gradient.
 
-    python benchmarks/slimclr_mnist1d.py            # 3 seeds, about 10 min on 2 cores
+    python benchmarks/slimclr_mnist1d.py            # 3 seeds (43 min on a loaded 2-core box)
     python benchmarks/slimclr_mnist1d.py --smoke    # tiny settings, same tables
 """
 
@@ -163,7 +163,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--channels", type=int, nargs=3, default=(32, 64, 128))
-    parser.add_argument("--smoke", action="store_true", help="tiny settings (< 30 s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings, same tables")
     parser.add_argument("--json", type=str, default=None, help="write raw results here")
     args = parser.parse_args()
     if args.smoke:
