@@ -163,7 +163,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--channels", type=int, nargs=3, default=(32, 64, 128))
-    parser.add_argument("--smoke", action="store_true", help="tiny settings, same tables")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings, same tables"
+    )
     parser.add_argument("--json", type=str, default=None, help="write raw results here")
     args = parser.parse_args()
     if args.smoke:
