@@ -1,24 +1,27 @@
-"""SlimCLR vs naive slimmable training vs individually trained networks (MNIST-1D).
+"""SlimCLR's techniques on MNIST-1D: each width against a random encoder, and ablations.
 
-For each of ``--seeds`` paired seeds (the same seed gives every method the
-same initialization of the shared weights, data order and augmentations):
+For each of ``--seeds`` paired seeds (a seed fixes the initialization of the
+shared weights, the data order and the augmentations of every method):
 
-* **individual**: one contrastive (SimCLR) network per width, trained alone
-  with the width's channel counts;
-* **naive**: one slimmable network, all widths trained jointly from the start
-  with equal loss weights, no distillation;
-* **slimclr**: slow start (full width only for the first half), online
-  distillation (a = 0.5, T = 5) and loss reweighting (mode 5).
+* **random**: the randomly initialized encoder, its BatchNorm statistics
+  recalibrated on the training signals for every width (the honest baseline:
+  what a linear probe gets from random convolutional features);
+* **slimclr**: SimCLR with slow start (full width only for the first half),
+  online distillation (a = 0.5, T = 5) and loss reweighting (mode 5);
+* **no_slow_start**, **no_distill**, **no_reweight**: SlimCLR without one
+  of the three techniques (all widths from step 0; a = 0; equal weights);
+* **naive**: none of the three.
 
-Every network is then evaluated by a linear probe on its frozen features
-(one head per width), against a linear probe on the raw signals. The script
-prints the accuracy per width and method (mean and standard deviation over
-seeds), the paired difference SlimCLR - naive per width (mean and 95%
-t-interval), each method's margin over the raw-input probe, and the
-gradient-imbalance ratio over training.
+Every encoder is evaluated by a linear probe per width on its frozen
+features. The script prints the accuracy per width and method (mean +- std
+over seeds), each method's paired difference to SlimCLR and to the random
+encoder (mean and 95% t-interval), and a diagnosis of the online distillation
+term on a trained SlimCLR encoder: its value, the small-logit closed form
+``0.5 * Var_j(z_i - z_1)`` and the ratio of its gradient to the contrastive
+loss's gradient.
 
-    python benchmarks/slimclr_mnist1d.py            # 5 seeds, about 10 min on 2 cores
-    python benchmarks/slimclr_mnist1d.py --seeds 1 --epochs 4   # a smoke run
+    python benchmarks/slimclr_mnist1d.py            # 3 seeds (43 min on a loaded 2-core box)
+    python benchmarks/slimclr_mnist1d.py --smoke    # tiny settings, same tables
 """
 
 from __future__ import annotations
@@ -37,76 +40,137 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from examples.slimclr import input_pipeline, train  # noqa: E402
 from examples.slimclr.configs import mnist1d  # noqa: E402
-from optax_wa.slimmable import slim_size  # noqa: E402
+from optax_wa import slimmable as sl  # noqa: E402
 
 WIDTHS = (1.0, 0.5, 0.25)
-METHODS = ("individual", "naive", "slimclr")
+TRAINED = ("slimclr", "no_slow_start", "no_distill", "no_reweight", "naive")
+METHODS = ("random",) + TRAINED
 
 
-def method_config(method: str, seed: int, args, width: float | None = None):
+def method_config(method: str, seed: int, args):
     config = mnist1d.get_config()
     config.seed = seed
     config.num_epochs = args.epochs
     config.probe_epochs = args.probe_epochs
     config.channels = tuple(args.channels)
     config.widths = WIDTHS
-    if method == "individual":
-        config.channels = tuple(slim_size(c, width) for c in args.channels)
-        config.widths = (1.0,)
+    config.slow_start_fraction = 0.5
+    config.loss_weight_mode = 5
+    config.distill_weight = 0.5
+    if method in ("no_slow_start", "naive"):
         config.slow_start_fraction = 0.0
-    elif method == "naive":
-        config.slow_start_fraction = 0.0
-        config.loss_weight_mode = 0
+    if method in ("no_distill", "naive"):
         config.distill_weight = 0.0
-    elif method == "slimclr":
-        config.slow_start_fraction = 0.5
-        config.loss_weight_mode = 5
-        config.distill_weight = 0.5
-    else:
-        raise ValueError(method)
+    if method in ("no_reweight", "naive"):
+        config.loss_weight_mode = 0
     return config
 
 
+def random_encoder(config, data):
+    """Random-init encoder whose BN statistics are the population moments on the data."""
+    abstract, params, stats = train.init_model(config)
+    graphdef = nnx.graphdef(abstract)
+    model = nnx.merge(graphdef, params, stats)
+    x = input_pipeline.preprocess(jnp.asarray(data.x_train), data.kind)
+    batches = [x[i : i + 500] for i in range(0, len(x), 500)]
+    for w in config.widths:
+        sl.calibrate_batch_norm(model, w, batches)
+    return graphdef, params, nnx.as_pure(nnx.state(model, nnx.BatchStat))
+
+
 def run_one(method, seed, data, args):
-    """Probe accuracy per width and the imbalance ratio per epoch for one seed."""
-    if method == "individual":
-        accuracy, ratios = {}, None
-        for w in WIDTHS:
-            config = method_config(method, seed, args, w)
-            graphdef, params, stats, _ = train.pretrain(config, data, log=False)
-            acc, _ = train.probe_backbone(graphdef, params, stats, data, config)
-            accuracy[w] = acc[1.0]
-        return accuracy, ratios
     config = method_config(method, seed, args)
-    graphdef, params, stats, history = train.pretrain(config, data, log=False)
+    if method == "random":
+        graphdef, params, stats = random_encoder(config, data)
+        history = []
+    else:
+        graphdef, params, stats, history = train.pretrain(config, data, log=False)
     accuracy, _ = train.probe_backbone(graphdef, params, stats, data, config)
-    return accuracy, [e["imbalance_ratio"] for e in history]
+    kd = {}
+    if history:
+        last = history[-1]["distillation"]
+        kd = {w: last[str(w)] for w in WIDTHS[1:]}
+    return accuracy, kd, (graphdef, params, stats, config)
 
 
-def paired_interval(diffs):
+def kd_diagnosis(graphdef, params, stats, config, data):
+    """KD value, its closed form and its gradient relative to the contrastive one.
+
+    On one augmented batch in training mode, as in a train step: ``z_w`` are
+    the NT-Xent cosine logits of width ``w``. For logits within [-1, 1] and
+    T = 5 both softmaxes are nearly uniform, and T^2 KL(p || q) ~ 0.5 *
+    Var_j(z_w - z_1) per row (the second-order expansion of the KL), whatever
+    T. The gradients are taken with respect to the width's embeddings.
+    """
+    model = nnx.merge(graphdef, params, stats)
+    x = jnp.asarray(data.x_train[: config.batch_size])
+    k1, k2 = jax.random.split(jax.random.key(0))
+    v1 = input_pipeline.augment(k1, x, data.kind, config.augment)
+    v2 = input_pipeline.augment(k2, x, data.kind, config.augment)
+
+    def embed(w):
+        return (
+            model(v1, width=w, use_running_average=False),
+            model(v2, width=w, use_running_average=False),
+        )
+
+    _, teacher = sl.nt_xent(*embed(1.0), config.temperature)
+    rows = {}
+    for w in WIDTHS[1:]:
+        z = embed(w)
+        _, logits = sl.nt_xent(*z, config.temperature)
+        kd = float(
+            sl.contrastive_distillation(logits, teacher, config.distill_temperature)
+        )
+        diff = np.asarray(logits - teacher)
+        diff = diff[~np.eye(len(diff), dtype=bool)].reshape(len(diff), -1)
+        closed = 0.5 * float(np.mean(np.var(diff, axis=1)))
+
+        def ctr(z):
+            return sl.nt_xent(*z, config.temperature)[0]
+
+        def distill(z):
+            _, s = sl.nt_xent(*z, config.temperature)
+            return sl.contrastive_distillation(s, teacher, config.distill_temperature)
+
+        def norm(g):
+            return float(jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g)))
+
+        ratio = norm(jax.grad(distill)(z)) / norm(jax.grad(ctr)(z))
+        spread = float(np.mean(np.std(diff, axis=1)))
+        rows[w] = (kd, closed, spread, ratio)
+    return rows
+
+
+def interval(diffs):
     from scipy import stats
 
     diffs = np.asarray(diffs, np.float64)
-    mean = diffs.mean()
     if len(diffs) < 2:
-        return mean, float("nan")
+        return diffs.mean(), float("nan")
     half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
-    return mean, half
+    return diffs.mean(), half
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--channels", type=int, nargs=3, default=(32, 64, 128))
     parser.add_argument(
-        "--json", type=str, default=None, help="write the raw results here"
+        "--smoke", action="store_true", help="tiny settings, same tables"
     )
+    parser.add_argument("--json", type=str, default=None, help="write raw results here")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.epochs, args.probe_epochs = 2, 2, 2
+        args.channels = (4, 8, 8)
 
     # Seeds share every compiled program (the seed only changes array values).
     jax.config.update(
@@ -117,88 +181,84 @@ def main():
 
     start = time.time()
     base = mnist1d.get_config()
-    base.probe_epochs = args.probe_epochs
     data = input_pipeline.load(base)
+    if args.smoke:
+        data = input_pipeline.Dataset(
+            data.x_train[:512],
+            data.y_train[:512],
+            data.x_test[:256],
+            data.y_test[:256],
+            data.num_classes,
+            data.kind,
+        )
     print(
-        f"MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test; widths {WIDTHS}; "
-        f"channels {tuple(args.channels)}; {args.epochs} epochs (batch {base.batch_size}); "
-        f"probe {args.probe_epochs} epochs; {args.seeds} seeds; devices {jax.devices()}",
+        f"MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test; widths "
+        f"{WIDTHS}; channels {tuple(args.channels)}; SimCLR {args.epochs} epochs "
+        f"(batch {base.batch_size}); probe {args.probe_epochs} epochs (Adam, "
+        f"standardized features); {args.seeds} seeds; devices {jax.devices()}",
         flush=True,
     )
     seeds = list(range(args.seeds))
-    raw = []
-    for seed in seeds:
-        config = mnist1d.get_config()
-        config.seed, config.probe_epochs = seed, args.probe_epochs
-        raw.append(train.raw_input_probe(data, config))
     results = {m: [] for m in METHODS}
-    ratios = {m: [] for m in METHODS}
+    kd_values = {m: [] for m in TRAINED}
+    diagnosis = []
     for method in METHODS:
-        t0 = time.time()
         for seed in seeds:
-            acc, ratio = run_one(method, seed, data, args)
+            acc, kd, trained = run_one(method, seed, data, args)
             results[method].append(acc)
-            ratios[method].append(ratio)
+            if method in TRAINED:
+                kd_values[method].append(kd)
+            if method == "slimclr":
+                diagnosis.append(kd_diagnosis(*trained, data))
             print(
-                f"  {method:10s} seed {seed}: "
+                f"  {method:13s} seed {seed}: "
                 + ", ".join(f"w={w}: {100 * acc[w]:.1f}" for w in WIDTHS),
                 flush=True,
             )
-        print(f"{method}: {time.time() - t0:.0f}s", flush=True)
+        print(f"{method}: {time.time() - start:.0f}s total so far", flush=True)
 
-    raw_mean = 100 * np.mean(raw)
-    print(f"\nLinear probe on raw inputs: {raw_mean:.1f} +- {100 * np.std(raw):.1f} %")
     print("\nLinear-probe test accuracy (%), mean +- std over seeds")
-    print(
-        f"{'width':>6} | "
-        + " | ".join(f"{m:>13}" for m in METHODS)
-        + " | slimclr - naive (paired, 95% CI)"
-    )
-    for w in WIDTHS:
-        cells = []
-        for m in METHODS:
-            a = 100 * np.array([r[w] for r in results[m]])
-            cells.append(f"{a.mean():6.1f} +- {a.std():4.1f}")
-        diffs = [
-            100 * (s[w] - n[w]) for s, n in zip(results["slimclr"], results["naive"])
-        ]
-        mean, half = paired_interval(diffs)
-        print(
-            f"{w:>6} | "
-            + " | ".join(f"{c:>13}" for c in cells)
-            + f" | {mean:+.1f} +- {half:.1f}"
-        )
-
-    print("\nMargin over the raw-input probe (points; target >= 20 for every width)")
-    ok = True
+    print(f"{'method':>13} | " + " | ".join(f"{'w=' + str(w):>13}" for w in WIDTHS))
     for m in METHODS:
-        margins = []
+        cells = []
         for w in WIDTHS:
-            paired = [100 * (r[w] - raw_acc) for r, raw_acc in zip(results[m], raw)]
-            margins.append(f"w={w}: {np.mean(paired):+.1f} (min {np.min(paired):+.1f})")
-            ok &= bool(np.min(paired) >= 20)
-        print(f"  {m:10s} " + ", ".join(margins))
-    print(f"  every width of every method and seed >= 20 points: {ok}")
+            a = 100 * np.array([r[w] for r in results[m]])
+            cells.append(f"{a.mean():6.1f} +- {a.std(ddof=1):4.1f}")
+        print(f"{m:>13} | " + " | ".join(f"{c:>13}" for c in cells))
 
-    print(
-        "\nGradient-imbalance ratio ||g_full \\ min|| / ||g_min|| (mean over layers and "
-        "seeds; < 1: the min-width block dominates)"
-    )
-    for m in ("naive", "slimclr"):
-        per_epoch = np.mean(np.array(ratios[m]), axis=0)
-        marks = sorted(
-            {
-                0,
-                len(per_epoch) // 4,
-                len(per_epoch) // 2 - 1,
-                len(per_epoch) // 2,
-                3 * len(per_epoch) // 4,
-                len(per_epoch) - 1,
-            }
-        )
+    for ref in ("random", "slimclr"):
+        print(f"\nPaired difference method - {ref} (points, mean +- 95% CI half-width)")
+        print(f"{'method':>13} | " + " | ".join(f"{'w=' + str(w):>13}" for w in WIDTHS))
+        for m in METHODS:
+            if m == ref:
+                continue
+            cells = []
+            for w in WIDTHS:
+                d = [100 * (a[w] - b[w]) for a, b in zip(results[m], results[ref])]
+                mean, half = interval(d)
+                star = "*" if abs(mean) > half else " "
+                cells.append(f"{mean:+6.1f} +- {half:4.1f}{star}")
+            print(f"{m:>13} | " + " | ".join(f"{c:>14}" for c in cells))
+    print("  (* : the 95% interval excludes 0)")
+
+    print("\nDistillation term KD_w in the last epoch (mean over seeds)")
+    for m in TRAINED:
         print(
-            f"  {m:8s} "
-            + ", ".join(f"epoch {e + 1}: {per_epoch[e]:.2f}" for e in marks)
+            f"  {m:13s} "
+            + ", ".join(
+                f"w={w}: {np.mean([k[w] for k in kd_values[m]]):.4f}"
+                for w in WIDTHS[1:]
+            )
+        )
+    print(
+        "\nDistillation diagnosis on trained SlimCLR encoders (one batch, mean over "
+        "seeds): KD, 0.5 Var_j(z_w - z_1), std_j(z_w - z_1), |grad KD| / |grad NT-Xent|"
+    )
+    for w in WIDTHS[1:]:
+        kd, closed, spread, ratio = np.mean([d[w] for d in diagnosis], axis=0)
+        print(
+            f"  w={w}: KD {kd:.4f}, closed form {closed:.4f}, spread {spread:.3f}, "
+            f"gradient ratio {ratio:.3f}"
         )
     print(f"\ntotal {time.time() - start:.0f}s")
     if args.json:
@@ -206,12 +266,17 @@ def main():
             json.dump(
                 {
                     "args": vars(args),
-                    "raw": raw,
                     "results": {
                         m: [{str(w): a for w, a in r.items()} for r in rs]
                         for m, rs in results.items()
                     },
-                    "imbalance_ratio": {m: ratios[m] for m in ("naive", "slimclr")},
+                    "kd": {
+                        m: [{str(w): v for w, v in k.items()} for k in ks]
+                        for m, ks in kd_values.items()
+                    },
+                    "diagnosis": [
+                        {str(w): list(v) for w, v in d.items()} for d in diagnosis
+                    ],
                 },
                 f,
                 indent=1,

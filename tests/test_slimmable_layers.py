@@ -196,7 +196,7 @@ def _cifar_resnet(widths, scale=1.0):
         widths,
         num_filters=int(8 * scale),
         projection_dim=3,
-        head_batch_norm=True,
+        head_type="simclr",
         rngs=_rngs(0),
     )
 
@@ -444,3 +444,178 @@ def test_calibrate_batch_norm_rejects_model_without_switchable_norms():
         sl.calibrate_batch_norm(
             sl.SlimmableLinear(2, 2, rngs=_rngs()), 0.5, [jnp.ones((2, 2))]
         )
+
+
+# ----------------------------------------------------------------------------
+# Stride-2 blocks against a NumPy re-implementation of the released PyTorch
+# blocks (3x3 convolutions with padding=1, 1x1 shortcuts with padding=0).
+
+
+def _np_conv(x, kernel, stride, pad):
+    """NHWC x HWIO convolution with ``pad`` zeros on every side (PyTorch's ``padding``)."""
+    x = np.pad(x, ((0, 0), (pad[0], pad[1]), (pad[0], pad[1]), (0, 0)))
+    kh, kw = kernel.shape[:2]
+    oh = (x.shape[1] - kh) // stride + 1
+    ow = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, kernel.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i : i + stride * oh : stride, j : j + stride * ow : stride]
+            out += patch @ kernel[i, j]
+    return out
+
+
+def _np_bn(x, norm, eps=1e-5):
+    """Eval-mode BatchNorm with the module's (randomized) statistics and affine."""
+    a = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    return (x - a(norm.mean)) / np.sqrt(a(norm.var) + eps) * a(norm.scale) + a(
+        norm.bias
+    )
+
+
+def _np_slim_conv(conv, x, width, stride, pad):
+    n_in, n_out = conv.sizes(width)
+    kernel = np.asarray(conv.kernel[...], np.float64)[..., :n_in, :n_out]
+    return _np_conv(x, kernel, stride, pad)
+
+
+def _np_block(block, x, width, bottleneck, pad):
+    """The released BasicBlock / Bottleneck (torchvision v1.5) in NumPy, eval mode."""
+    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
+
+    def bn(norm, y):
+        return _np_bn(y, norm.norm(width))
+
+    if bottleneck:
+        y = relu(bn(block.bn1, _np_slim_conv(block.conv1, x, width, 1, (0, 0))))
+        y = relu(bn(block.bn2, _np_slim_conv(block.conv2, y, width, 2, pad)))
+        y = bn(block.bn3, _np_slim_conv(block.conv3, y, width, 1, (0, 0)))
+    else:
+        y = relu(bn(block.bn1, _np_slim_conv(block.conv1, x, width, 2, pad)))
+        y = bn(block.bn2, _np_slim_conv(block.conv2, y, width, 1, (1, 1)))
+    shortcut = bn(block.proj_bn, _np_slim_conv(block.proj, x, width, 2, (0, 0)))
+    return relu(shortcut + y)
+
+
+@pytest.mark.parametrize("block_cls", [sl.models.BasicBlock, sl.models.Bottleneck])
+@pytest.mark.parametrize("size", [8, 7])
+def test_stride2_block_equals_released_padding(block_cls, size):
+    """A stride-2 block == NumPy with padding (1, 1) (not Flax "SAME"'s (0, 1)).
+
+    All BN scales are random (the zero-initialized last scale would hide the
+    residual branch); even and odd input sizes, both widths.
+    """
+    bottleneck = block_cls is sl.models.Bottleneck
+    block = _randomize(block_cls(8, 4, 2, WIDTHS, rngs=_rngs(0)), 3)
+    for width in WIDTHS:
+        c_in = sl.slim_size(8, width)
+        x = np.asarray(_normal(size + int(10 * width), (2, size, size, c_in)))
+        got = np.asarray(block(jnp.asarray(x), width, True))
+        want = _np_block(block, x.astype(np.float64), width, bottleneck, (1, 1))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        if size % 2 == 0:
+            # The test can tell the paddings apart: "SAME" would pad (0, 1) here.
+            same = _np_block(block, x.astype(np.float64), width, bottleneck, (0, 1))
+            assert np.max(np.abs(same - want)) > 0.1
+
+
+def test_cifar_example_stride2_block_equals_released_padding():
+    """The CIFAR example's ResNet/WRN blocks pad their 3x3 convolutions by 1 too."""
+    from examples.cifar import models as cifar_models
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 8, 8, 4))
+    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
+    a = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+
+    block = _randomize(
+        cifar_models.BasicBlock(4, 6, 2, dtype=jnp.float32, rngs=_rngs(1)), 4
+    )
+    got = np.asarray(block(jnp.asarray(x, jnp.float32), train=False))
+    for pad, check in (((1, 1), True), ((0, 1), False)):
+        y = relu(_np_bn(_np_conv(x, a(block.conv1.kernel), 2, pad), block.bn1))
+        y = _np_bn(_np_conv(y, a(block.conv2.kernel), 1, (1, 1)), block.bn2)
+        s = _np_bn(_np_conv(x, a(block.shortcut.kernel), 2, (0, 0)), block.shortcut_bn)
+        want = relu(s + y)
+        if check:
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        else:
+            assert np.max(np.abs(got - want)) > 0.1
+
+    wide = _randomize(
+        cifar_models.WideBlock(4, 6, 2, dtype=jnp.float32, rngs=_rngs(2)), 6
+    )
+    got = np.asarray(wide(jnp.asarray(x, jnp.float32), train=False))
+    y = relu(_np_bn(x, wide.bn1))
+    want = _np_conv(y, a(wide.shortcut.kernel), 2, (0, 0)) + _np_conv(
+        relu(_np_bn(_np_conv(y, a(wide.conv1.kernel), 2, (1, 1)), wide.bn2)),
+        a(wide.conv2.kernel),
+        1,
+        (1, 1),
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Projection heads as released.
+
+
+def _np_bn_train(x, norm, eps=1e-5):
+    """Train-mode BatchNorm: batch mean and biased variance, then the affine (if any)."""
+    y = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+    if norm.scale is not None:
+        y = y * np.asarray(norm.scale[...], np.float64)
+    if norm.bias is not None:
+        y = y + np.asarray(norm.bias[...], np.float64)
+    return y
+
+
+@pytest.mark.parametrize("kind", ["simclr", "mocov3", "predictor", "mocov2"])
+def test_projection_head_equals_released_numpy_head(kind):
+    """Train-mode head == NumPy ``Linear -> [BN] -> ReLU -> Linear -> [BN]`` per kind."""
+    slice_input = kind != "predictor"
+    head = _randomize(
+        sl.SlimmableProjectionHead(
+            8, 12, 5, WIDTHS, slice_input=slice_input, kind=kind, rngs=_rngs(0)
+        ),
+        11,
+    )
+    # The released layers: which biases and BNs exist.
+    has = {
+        "simclr": (True, True, False, "affine"),
+        "mocov3": (False, True, False, "plain"),
+        "predictor": (False, True, False, None),
+        "mocov2": (True, False, True, None),
+    }[kind]
+    assert (head.fc1.bias is not None, head.norm is not None) == has[:2]
+    assert (head.fc2.bias is not None) == has[2]
+    if has[3] is None:
+        assert head.out_norm is None
+    else:
+        assert head.out_norm.widths == WIDTHS
+        assert (head.out_norm.norm(0.5).scale is not None) == (has[3] == "affine")
+    a = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    for width in WIDTHS:
+        n_in = sl.slim_size(8, width) if slice_input else 8
+        n_hid = sl.slim_size(12, width)
+        x = np.asarray(_normal(int(4 * width), (6, n_in)), np.float64)
+        got = np.asarray(head(jnp.asarray(x, jnp.float32), width, False))
+        h = x @ a(head.fc1.kernel)[:n_in, :n_hid]
+        if has[0]:
+            h = h + a(head.fc1.bias)[:n_hid]
+        if has[1]:
+            h = _np_bn_train(h, head.norm.norm(width))
+        z = np.maximum(h, 0.0) @ a(head.fc2.kernel)[:n_hid]
+        if has[2]:
+            z = z + a(head.fc2.bias)
+        if has[3] is not None:
+            z = _np_bn_train(z, head.out_norm.norm(width))
+        np.testing.assert_allclose(got, z, atol=2e-5, rtol=2e-5)
+        if has[3] == "plain":
+            # No affine: every output column is standardized over the batch.
+            np.testing.assert_allclose(got.mean(0), 0.0, atol=1e-5)
+
+
+def test_projection_head_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        sl.SlimmableProjectionHead(4, 4, 2, WIDTHS, kind="byol", rngs=_rngs(0))

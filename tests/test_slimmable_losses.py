@@ -137,19 +137,59 @@ def test_distillation_masks_infinite_entries_without_nan():
     np.testing.assert_allclose(float(value), 25.0 * want / 3, rtol=1e-4)
 
 
+_LOSSES = {
+    "nt_xent": lambda x, t: sl.nt_xent(x, x, temperature=t)[0],
+    "info_nce": lambda x, t: sl.info_nce(x, x, x, temperature=t)[0],
+    "mocov3": lambda x, t: sl.mocov3_loss(x, x, x, x, temperature=t)[0],
+    "distillation": lambda x, t: sl.contrastive_distillation(x, x, temperature=t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LOSSES))
 @pytest.mark.parametrize(
-    "call",
-    [
-        lambda x: sl.nt_xent(x, x, temperature=0.0),
-        lambda x: sl.info_nce(x, x, x, temperature=-1.0),
-        lambda x: sl.mocov3_loss(x, x, x, x, temperature=0.0),
-        lambda x: sl.contrastive_distillation(x, x, temperature=0.0),
-    ],
-    ids=["nt_xent", "info_nce", "mocov3", "distillation"],
+    "temperature",
+    [0.0, -1.0, np.float32(0.0), np.float64(-0.5), jnp.float32(0.0), float("nan")],
+    ids=["zero", "negative", "np_float32_zero", "np_float64", "jax_zero", "nan"],
 )
-def test_losses_reject_non_positive_temperature(call):
+def test_losses_reject_non_positive_temperature(name, temperature):
     with pytest.raises(ValueError, match="temperature"):
-        call(jnp.ones((2, 3)))
+        _LOSSES[name](jnp.ones((2, 3)), temperature)
+
+
+@pytest.mark.parametrize("name", sorted(_LOSSES))
+def test_losses_reject_non_scalar_temperature(name):
+    with pytest.raises(TypeError, match="temperature"):
+        _LOSSES[name](jnp.ones((2, 3)), np.array([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("name", sorted(_LOSSES))
+def test_traced_non_positive_temperature_gives_nan_not_a_finite_loss(name):
+    """Under jit the temperature is not known when the loss is built: NaN, documented."""
+    x = jnp.asarray(_data(20, 4, 3))
+    fn = jax.jit(_LOSSES[name])
+    assert np.isnan(float(fn(x, jnp.float32(0.0))))
+    assert np.isnan(float(fn(x, jnp.float32(-1.0))))
+    # A positive traced temperature gives the eager value.
+    np.testing.assert_allclose(
+        float(fn(x, jnp.float32(0.3))), float(_LOSSES[name](x, 0.3)), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda a, b: sl.mocov3_loss(a, a, b, b), "mocov3_loss"),
+        (lambda a, b: sl.mocov3_loss(a, b, a, a), "mocov3_loss"),
+        (lambda a, b: sl.nt_xent(a, b), "nt_xent"),
+        (lambda a, b: sl.info_nce(a, b, a), "info_nce"),
+        (lambda a, b: sl.info_nce(a, a, jnp.ones((5, 4))), "queue"),
+    ],
+    ids=["mocov3_keys", "mocov3_queries", "nt_xent", "info_nce_key", "info_nce_queue"],
+)
+def test_losses_reject_mismatched_batch_or_feature_sizes(call, match):
+    """Mismatched batches used to broadcast into a NaN or a wrong loss."""
+    with pytest.raises(ValueError, match=match):
+        call(jnp.ones((4, 3)), jnp.ones((6, 3)))
 
 
 def test_distillation_rejects_mismatched_shapes():
@@ -157,8 +197,69 @@ def test_distillation_rejects_mismatched_shapes():
         sl.contrastive_distillation(jnp.ones((2, 3)), jnp.ones((2, 4)))
 
 
-def test_l2_normalize_is_finite_at_zero():
-    value, grad = jax.value_and_grad(lambda x: jnp.sum(sl.l2_normalize(x)))(
-        jnp.zeros((2, 3))
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_distillation_propagates_nan_logits(which):
+    """A NaN logit is not a mask: value and student gradient are NaN, not 0."""
+    s, t = _data(21, 3, 4), _data(22, 3, 4)
+    (s if which == "student" else t)[1, 2] = np.nan
+    value, grad = jax.value_and_grad(sl.contrastive_distillation)(
+        jnp.asarray(s), jnp.asarray(t)
     )
-    chex.assert_tree_all_finite((value, grad))
+    assert np.isnan(float(value))
+    assert np.all(np.isnan(np.asarray(grad)[1]))
+
+
+def test_l2_normalize_matches_torch_rule_at_zero_tiny_and_huge():
+    """``x / max(||x||, eps)`` (PyTorch's normalize) with its Jacobian, float32 range edges."""
+    eps = 1e-12
+    x = np.array(
+        [[3.0, -4.0], [0.0, 0.0], [1e-13, 2e-13], [1e20, -1e20], [3e-30, 4e-30]]
+    )
+    got = np.asarray(sl.l2_normalize(jnp.asarray(x, jnp.float32)))
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    want = x / np.maximum(norm, eps)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    # Jacobian of a row: I / max(n, eps) below eps; (I - u u^T) / n above.
+    for row in x:
+        jac = np.asarray(jax.jacobian(sl.l2_normalize)(jnp.asarray(row, jnp.float32)))
+        n = np.linalg.norm(row)
+        if n < eps:
+            want_jac = np.eye(2) / eps
+        else:
+            u = row / n
+            want_jac = (np.eye(2) - np.outer(u, u)) / n
+        np.testing.assert_allclose(
+            jac, want_jac, rtol=1e-5, atol=1e-6 * np.abs(want_jac).max()
+        )
+
+
+@pytest.mark.parametrize("temperature", [2.0, 5.0, 10.0])
+def test_distillation_of_cosine_logits_is_half_the_variance_of_the_difference(
+    temperature,
+):
+    """Why SlimCLR's KD terms are small: with cosine logits and T >= 2, T^2 KL ~ Var/2.
+
+    Both softmaxes are nearly uniform, and the second-order expansion of the KL
+    gives ``0.5 * mean_i Var_j(s_ij - t_ij)``, independent of T: a weak
+    squared error between similarity rows (0.036 here, for row differences of
+    standard deviation 0.27), not a temperature-sharpened match.
+    """
+    rng = np.random.default_rng(0)
+    t = np.tanh(rng.normal(size=(64, 64)))
+    s = np.clip(t + 0.3 * rng.normal(size=t.shape), -1, 1)
+    got = float(
+        sl.contrastive_distillation(
+            jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature
+        )
+    )
+    closed = 0.5 * np.mean(np.var(s - t, axis=1))
+    np.testing.assert_allclose(got, closed, rtol=0.02)
+    # The exact KL (float64) for comparison: the expansion is its limit.
+    exact = 0.0
+    for srow, trow in zip(s, t):
+        log_p, log_q = (
+            _log_softmax(trow / temperature),
+            _log_softmax(srow / temperature),
+        )
+        exact += np.sum(np.exp(log_p) * (log_p - log_q))
+    np.testing.assert_allclose(got, temperature**2 * exact / 64, rtol=5e-4)

@@ -241,7 +241,7 @@ def test_freeze_until_rejects_bad_switch_step(switch_step):
 
 def test_sub_width_mask_marks_only_narrower_switchable_variables():
     model = sl.SlimmableMLP(
-        4, (8, 8), WIDTHS4, projection_dim=2, head_batch_norm=True, rngs=_rngs(0)
+        4, (8, 8), WIDTHS4, projection_dim=2, head_type="simclr", rngs=_rngs(0)
     )
     mask = sl.sub_width_mask(model)
     variables = nnx.state(model, nnx.Param)
@@ -252,8 +252,9 @@ def test_sub_width_mask_marks_only_narrower_switchable_variables():
     assert len(flat_mask) == len(flat_vars)
     for m, v in zip(flat_mask, flat_vars):
         assert m == (v.get_metadata().get("switch_width", 1.0) < 1.0)
-    # 3 switchable norms x 3 narrower widths x (scale, bias).
-    assert sum(flat_mask) == 18
+    # 4 switchable norms (2 blocks, the head's hidden and output BN) x 3
+    # narrower widths x (scale, bias).
+    assert sum(flat_mask) == 24
     assert jax.tree.structure(mask) == jax.tree.structure(nnx.as_pure(variables))
 
 
@@ -283,9 +284,37 @@ def test_grad_stats_covers_every_sliced_parameter_of_a_model():
     model = sl.SlimmableCNN1D(1, (8, 8), (1.0, 0.25), projection_dim=4, rngs=_rngs(0))
     spec = sl.slim_axes_spec(model)
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    state = sl.slimmable_grad_stats(spec, 0.25).init(params)
-    # conv1 (output sliced), conv2 (both), head fc1 kernel and bias, fc2 kernel.
-    assert len(state.ratios) == 5
+    stats = sl.slimmable_grad_stats(spec, 0.25)
+    rng = np.random.default_rng(3)
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape) * rng.uniform(0.1, 10)), params
+    )
+    _, state = stats.update(grads, stats.init(params))
+    flat = {
+        jax.tree_util.keystr(path): np.asarray(leaf, np.float64)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
+    }
+
+    # The min-width (0.25) block of each sliced parameter, written out by hand
+    # from the layer shapes: conv1 (5, 1, 8) slices its output, conv2 (5, 8, 8)
+    # both channel axes, the head's fc1 (8, 8) both axes and its bias, fc2
+    # (8, 4) its input only. BN parameters and fc2's bias are not sliced.
+    blocks = {
+        "['blocks'][0]['conv']['kernel']": np.s_[:, :, :2],
+        "['blocks'][1]['conv']['kernel']": np.s_[:, :2, :2],
+        "['head']['fc1']['kernel']": np.s_[:2, :2],
+        "['head']['fc1']['bias']": np.s_[:2],
+        "['head']['fc2']['kernel']": np.s_[:2, :],
+    }
+    assert sorted(state.ratios) == sorted(blocks)
+    want = []
+    for name, block in blocks.items():
+        grad = flat[name]
+        inside = np.sum(grad[block] ** 2)
+        ratio = np.sqrt((np.sum(grad**2) - inside) / inside)
+        np.testing.assert_allclose(state.ratios[name], ratio, rtol=1e-5)
+        want.append(ratio)
+    np.testing.assert_allclose(state.mean_ratio, np.mean(want), rtol=1e-5)
 
 
 def test_grad_stats_rejects_mismatched_spec():
@@ -321,6 +350,14 @@ def test_enqueue_replaces_oldest_keys_and_wraps():
     np.testing.assert_allclose(queue.keys[:2], [[-0.6, -0.8], [0.0, -1.0]], rtol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         sl.enqueue(queue, jnp.ones((3, 2)))
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 4), (2,), (2, 2, 1)])
+def test_enqueue_rejects_wrong_feature_size_and_leaves_queue_intact(shape):
+    """A (2, 1) batch used to overwrite half of two rows of a (4, 2) queue."""
+    queue = sl.init_queue(jax.random.key(0), 4, 2)
+    with pytest.raises(ValueError, match="keys must be"):
+        sl.enqueue(queue, jnp.ones(shape))
 
 
 def test_top_level_exports():

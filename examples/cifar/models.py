@@ -24,7 +24,9 @@ def _conv(cin, cout, kernel, stride, dtype, rngs):
         cout,
         (kernel, kernel),
         strides=(stride, stride),
-        padding="SAME",
+        # PyTorch-style padding (k // 2 on each side) as in the reference
+        # ResNet and WRN code: "SAME" pads (0, 1) at stride 2 on even sizes.
+        padding=((kernel // 2, kernel // 2),) * 2,
         use_bias=False,
         kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
         dtype=dtype,

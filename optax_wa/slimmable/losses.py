@@ -6,12 +6,19 @@ distillation compares between the full network (teacher) and a sub-network
 (student). Entries excluded from a softmax (NT-Xent's self-similarities) are
 ``-inf``; :func:`contrastive_distillation` masks them without producing NaN.
 All losses compute in float32.
+
+Bad input: inputs of mismatched shapes and a concrete temperature that is not
+``> 0`` (Python or NumPy scalar, or a concrete array) raise a ``ValueError``
+naming the argument. A temperature traced under ``jit`` cannot be checked
+when the loss is built; a non-positive one makes the loss NaN (never a finite
+wrong value).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -21,7 +28,12 @@ _MASKED = -1e30
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-    """``x / max(||x||, eps)`` along ``axis`` in float32 (finite at zero).
+    r"""``x / max(||x||, eps)`` along ``axis`` in float32, as PyTorch's ``normalize``.
+
+    The norm is taken on ``x`` scaled by its largest magnitude, so it neither
+    overflows (rows of ``1e20``) nor underflows (rows of ``1e-30``), and its
+    square root is never differentiated at 0: a row whose norm is below
+    ``eps`` is ``x / eps`` with Jacobian ``I / eps``, as released.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -30,13 +42,47 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
       [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
     """
     x = jnp.asarray(x, jnp.float32)
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    # y = x / scale has entries in [-1, 1] and, unless x = 0, one of them is
+    # +-1: its norm r lies in [1, sqrt(D)] and x / max(||x||, eps) =
+    # y / max(r, eps / scale) is computed (and differentiated) in range.
+    y = x / scale
+    sq = jnp.sum(jnp.square(y), axis=axis, keepdims=True)
+    positive = sq > 0
+    r = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return y / jnp.maximum(r, eps / scale)
 
 
 def _check_temperature(temperature, name="temperature"):
-    if isinstance(temperature, (int, float)) and not temperature > 0:
+    """Raises for a concrete temperature that is not > 0 (NumPy scalars too).
+
+    A traced temperature (``jit`` argument, schedule) cannot be checked here;
+    the losses then return NaN for a non-positive one (:func:`_positive`).
+    """
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    value = np.asarray(temperature)
+    if value.ndim or not np.issubdtype(value.dtype, np.number):
+        raise TypeError(f"{name} must be a positive scalar, got {temperature!r}.")
+    if not value > 0:
         raise ValueError(f"{name} must be > 0, got {temperature!r}.")
+
+
+def _positive(value: Array, temperature) -> Array:
+    """``value``, or NaN where a traced temperature is not > 0 (never a wrong finite)."""
+    return jnp.where(jnp.asarray(temperature) > 0, value, jnp.nan)
+
+
+def _check_same_shape(fn: str, **arrays):
+    shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 2 or any(s != first for s in shapes.values()):
+        raise ValueError(
+            f"{fn}: {', '.join(shapes)} must be (N, D) arrays of equal shapes, got "
+            + ", ".join(f"{k} {v}" for k, v in shapes.items())
+            + "."
+        )
 
 
 def _cross_entropy(logits: Array, targets: Array) -> Array:
@@ -85,13 +131,19 @@ def info_nce(
       Learning <https://arxiv.org/abs/2003.04297>`_, 2020.
     """
     _check_temperature(temperature)
+    _check_same_shape("info_nce", query=query, key=key)
+    if jnp.ndim(queue) != 2 or jnp.shape(queue)[1] != jnp.shape(query)[1]:
+        raise ValueError(
+            f"info_nce: queue must be (K, {jnp.shape(query)[1]}) like the queries' "
+            f"feature size, got {jnp.shape(queue)}."
+        )
     q = l2_normalize(query)
     k = jax.lax.stop_gradient(l2_normalize(key))
     negatives = jax.lax.stop_gradient(l2_normalize(queue))
     positive = jnp.sum(q * k, axis=-1, keepdims=True)
     logits = jnp.concatenate([positive, q @ negatives.T], axis=-1)
     loss = _cross_entropy(logits / temperature, jnp.zeros(q.shape[0], jnp.int32))
-    return loss, logits
+    return _positive(loss, temperature), logits
 
 
 def nt_xent(z1: Array, z2: Array, temperature: float = 0.1) -> tuple[Array, Array]:
@@ -127,16 +179,14 @@ def nt_xent(z1: Array, z2: Array, temperature: float = 0.1) -> tuple[Array, Arra
       ICML 2020.
     """
     _check_temperature(temperature)
-    if z1.shape != z2.shape:
-        raise ValueError(
-            f"nt_xent: z1 {z1.shape} and z2 {z2.shape} must have equal shapes."
-        )
+    _check_same_shape("nt_xent", z1=z1, z2=z2)
     n = z1.shape[0]
     z = jnp.concatenate([l2_normalize(z1), l2_normalize(z2)], axis=0)
     sim = z @ z.T
     logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, sim)
     targets = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
-    return _cross_entropy(logits / temperature, targets), logits
+    loss = _cross_entropy(logits / temperature, targets)
+    return _positive(loss, temperature), logits
 
 
 def mocov3_loss(
@@ -174,6 +224,7 @@ def mocov3_loss(
       Transformers <https://arxiv.org/abs/2104.02057>`_, ICCV 2021.
     """
     _check_temperature(temperature)
+    _check_same_shape("mocov3_loss", q1=q1, q2=q2, k1=k1, k2=k2)
     targets = jnp.arange(q1.shape[0])
 
     def one(q, k):
@@ -182,7 +233,7 @@ def mocov3_loss(
 
     loss12, logits12 = one(q1, k2)
     loss21, logits21 = one(q2, k1)
-    return loss12 + loss21, (logits12, logits21)
+    return _positive(loss12 + loss21, temperature), (logits12, logits21)
 
 
 def contrastive_distillation(
@@ -202,7 +253,9 @@ def contrastive_distillation(
     constant for the student: the gradient is the same, and the value is 0
     exactly when student and teacher agree. Entries that are ``-inf`` (masked)
     in either input are left out of both softmaxes; values and gradients stay
-    finite (a fully masked row contributes 0).
+    finite (a fully masked row contributes 0). A NaN (or ``+inf``) logit is
+    not a mask: it makes the loss and its gradient NaN, so a diverged network
+    is never hidden behind a zero distillation loss.
 
     Args:
       student_logits: ``(N, C)`` logits of the sub-network.
@@ -234,7 +287,8 @@ def contrastive_distillation(
     s = jnp.asarray(student_logits, jnp.float32)
     t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32))
     temperature = jnp.asarray(temperature, jnp.float32)
-    return temperature**2 * jnp.mean(_row_kl(s, t, temperature))
+    loss = temperature**2 * jnp.mean(_row_kl(s, t, temperature))
+    return _positive(loss, temperature)
 
 
 def _masked_log_softmax(x: Array, valid: Array) -> Array:
@@ -252,7 +306,8 @@ def _row_kl_fwd(s, t, temperature):
     # Student and teacher go through the same operations (no autodiff inside),
     # so equal inputs give bitwise-equal log-probabilities: value and gradient
     # are then exactly 0.
-    valid = jnp.isfinite(s) & jnp.isfinite(t)
+    # Only -inf marks an excluded entry; NaN (and +inf) propagate to the loss.
+    valid = ~(jnp.isneginf(s) | jnp.isneginf(t))
     log_q = _masked_log_softmax(s / temperature, valid)
     log_p = _masked_log_softmax(t / temperature, valid)
     p = jnp.where(valid, jnp.exp(log_p), 0.0)

@@ -8,10 +8,11 @@ projection dimension never do. ``model.feature_dim(w)`` is the size of the
 width-``w`` representation and ``model.features_sliced`` tells a
 :class:`~optax_wa.slimmable.SwitchableLinear` probe whether to slice its input.
 
-The projection head follows SlimCLR's slimmable MoCo v2 head
-(``Linear -> ReLU -> Linear``, hidden units sliced, output shared); with
-``head_batch_norm=True`` it is SimCLR's head (``Linear -> BN -> ReLU ->
-Linear``).
+The projection head is one of SlimCLR's released slimmable heads (hidden
+units sliced, output shared): MoCo v2's ``Linear -> ReLU -> Linear`` by
+default, SimCLR's ``Linear -> BN -> ReLU -> Linear -> BN`` with
+``head_type="simclr"`` and MoCo v3's projector with ``head_type="mocov3"``
+(:class:`SlimmableProjectionHead`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,38 @@ Array = jax.Array
 # He initialization for convolutions followed by ReLU (fan-out, as torchvision).
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# Every 3x3 convolution of the ResNets pads one pixel on each side, as the
+# released PyTorch models (``padding=1``) do. Flax's "SAME" would pad (0, 1)
+# at stride 2 on even sizes, so the residual branch would read other pixels
+# than the strided 1x1 shortcut.
+_PAD3 = ((1, 1), (1, 1))
+
+
+# The released SlimCLR heads: (first layer's bias, hidden BN, second layer's
+# bias, output BN: None, "affine" or "plain" -- without scale and bias).
+_HEADS = {
+    "mocov2": (True, False, True, None),
+    "simclr": (True, True, False, "affine"),
+    "mocov3": (False, True, False, "plain"),
+    "predictor": (False, True, False, None),
+}
+
 
 class SlimmableProjectionHead(nnx.Module):
     """Two-layer projection head: hidden units sliced, output dimension shared.
+
+    The ``kind`` picks one of SlimCLR's released heads (``Linear -> [BN] ->
+    ReLU -> Linear -> [BN]``; every BN is switchable, one per width, and the
+    output BN normalizes the shared output dimension):
+
+    ============= ========================================================
+    ``mocov2``    ``Linear -> ReLU -> Linear`` (both with bias)
+    ``simclr``    ``Linear -> BN -> ReLU -> Linear (no bias) -> BN``
+    ``mocov3``    ``Linear -> BN -> ReLU -> Linear -> BN (no scale, no
+                  bias)``, no biases (MoCo v3's projector)
+    ``predictor`` ``Linear -> BN -> ReLU -> Linear``, no biases (MoCo v3's
+                  predictor; build it with ``slice_input=False``)
+    ============= ========================================================
 
     Args:
       in_features: the full representation size.
@@ -47,8 +77,7 @@ class SlimmableProjectionHead(nnx.Module):
       out_features: the embedding size (never sliced).
       widths: the widths of the network.
       slice_input: whether the representation shrinks with the width.
-      batch_norm: add a :class:`SwitchableBatchNorm` after the hidden layer
-        (SimCLR's head); without it this is MoCo v2's head.
+      kind: ``"mocov2"``, ``"simclr"``, ``"mocov3"`` or ``"predictor"``.
       rngs: the random generators.
 
     Examples:
@@ -58,6 +87,14 @@ class SlimmableProjectionHead(nnx.Module):
       >>> head = SlimmableProjectionHead(8, 8, 3, (1.0, 0.5), rngs=nnx.Rngs(0))
       >>> head(jnp.ones((2, 4)), width=0.5).shape
       (2, 3)
+      >>> simclr = SlimmableProjectionHead(8, 8, 3, (1.0, 0.5), kind="simclr",
+      ...                                  rngs=nnx.Rngs(0))
+      >>> simclr.out_norm.widths
+      (1.0, 0.5)
+
+    References:
+      Zhao, Wu, Zhu, Ji and Wang, `Slimmable Networks for Contrastive
+      Self-supervised Learning <https://arxiv.org/abs/2209.15525>`_, IJCV 2024.
     """
 
     def __init__(
@@ -68,30 +105,53 @@ class SlimmableProjectionHead(nnx.Module):
         widths: Sequence[float],
         *,
         slice_input: bool = True,
-        batch_norm: bool = False,
+        kind: str = "mocov2",
         rngs: nnx.Rngs,
     ):
+        if kind not in _HEADS:
+            raise ValueError(f"kind must be one of {sorted(_HEADS)}, got {kind!r}.")
+        self.kind = kind
+        bias1, hidden_bn, bias2, out_bn = _HEADS[kind]
         self.fc1 = SlimmableLinear(
             in_features,
             hidden_features,
             slice_input=slice_input,
-            use_bias=not batch_norm,
+            use_bias=bias1,
             rngs=rngs,
         )
         self.norm = (
             SwitchableBatchNorm(hidden_features, widths, rngs=rngs)
-            if batch_norm
+            if hidden_bn
             else nnx.data(None)
         )
         self.fc2 = SlimmableLinear(
-            hidden_features, out_features, slice_output=False, rngs=rngs
+            hidden_features,
+            out_features,
+            slice_output=False,
+            use_bias=bias2,
+            rngs=rngs,
         )
+        if out_bn is None:
+            self.out_norm = nnx.data(None)
+        else:
+            affine = out_bn == "affine"
+            self.out_norm = SwitchableBatchNorm(
+                out_features,
+                widths,
+                sliced=False,
+                use_scale=affine,
+                use_bias=affine,
+                rngs=rngs,
+            )
 
     def __call__(self, x, width: float = 1.0, use_running_average: bool | None = None):
         h = self.fc1(x, width)
         if self.norm is not None:
             h = self.norm(h, width, use_running_average)
-        return self.fc2(jax.nn.relu(h), width)
+        z = self.fc2(jax.nn.relu(h), width)
+        if self.out_norm is not None:
+            z = self.out_norm(z, width, use_running_average)
+        return z
 
 
 class _Encoder(nnx.Module):
@@ -119,7 +179,7 @@ class _Encoder(nnx.Module):
             return h
         return self.head(h, width, use_running_average)
 
-    def _make_head(self, projection_dim, head_hidden, head_batch_norm, rngs):
+    def _make_head(self, projection_dim, head_hidden, head_type, rngs):
         if projection_dim is None:
             return nnx.data(None)
         return SlimmableProjectionHead(
@@ -128,7 +188,7 @@ class _Encoder(nnx.Module):
             projection_dim,
             self.widths,
             slice_input=self.features_sliced,
-            batch_norm=head_batch_norm,
+            kind=head_type,
             rngs=rngs,
         )
 
@@ -160,7 +220,8 @@ class SlimmableMLP(_Encoder):
       widths: the widths the network is trained at.
       projection_dim: the embedding size, or ``None`` for no head.
       head_hidden: hidden size of the head (default: the representation size).
-      head_batch_norm: SimCLR's head (with BN) instead of MoCo v2's.
+      head_type: the projection head, ``"mocov2"``, ``"simclr"`` or
+        ``"mocov3"`` (:class:`SlimmableProjectionHead`).
       rngs: the random generators.
 
     Examples:
@@ -183,7 +244,7 @@ class SlimmableMLP(_Encoder):
         *,
         projection_dim: int | None = 128,
         head_hidden: int | None = None,
-        head_batch_norm: bool = False,
+        head_type: str = "mocov2",
         rngs: nnx.Rngs,
     ):
         self.widths = validate_widths(widths)
@@ -197,7 +258,7 @@ class SlimmableMLP(_Encoder):
             ]
         )
         self.num_features = sizes[-1]
-        self.head = self._make_head(projection_dim, head_hidden, head_batch_norm, rngs)
+        self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
         for block in self.blocks:
@@ -248,7 +309,8 @@ class SlimmableCNN1D(_Encoder):
       strides: stride of each convolution (default: 1 for the first, 2 after).
       projection_dim: the embedding size, or ``None`` for no head.
       head_hidden: hidden size of the head (default: the representation size).
-      head_batch_norm: SimCLR's head (with BN) instead of MoCo v2's.
+      head_type: the projection head, ``"mocov2"``, ``"simclr"`` or
+        ``"mocov3"`` (:class:`SlimmableProjectionHead`).
       rngs: the random generators.
 
     Examples:
@@ -271,7 +333,7 @@ class SlimmableCNN1D(_Encoder):
         strides: Sequence[int] | None = None,
         projection_dim: int | None = 128,
         head_hidden: int | None = None,
-        head_batch_norm: bool = False,
+        head_type: str = "mocov2",
         rngs: nnx.Rngs,
     ):
         self.widths = validate_widths(widths)
@@ -298,7 +360,7 @@ class SlimmableCNN1D(_Encoder):
             ]
         )
         self.num_features = sizes[-1]
-        self.head = self._make_head(projection_dim, head_hidden, head_batch_norm, rngs)
+        self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
         if x.ndim == 2:
@@ -309,7 +371,7 @@ class SlimmableCNN1D(_Encoder):
 
 
 class BasicBlock(nnx.Module):
-    """ResNet basic block (two 3x3 convolutions) with switchable BN."""
+    """ResNet basic block (two 3x3 convolutions, padding 1) with switchable BN."""
 
     expansion = 1
 
@@ -317,13 +379,15 @@ class BasicBlock(nnx.Module):
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
         self.conv1 = SlimmableConv(
-            in_features, features, (3, 3), strides=stride, **conv
+            in_features, features, (3, 3), strides=stride, padding=_PAD3, **conv
         )
         self.bn1 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv2 = SlimmableConv(features, out, (3, 3), **conv)
+        self.conv2 = SlimmableConv(features, out, (3, 3), padding=_PAD3, **conv)
         self.bn2 = SwitchableBatchNorm(out, widths, scale_init=zeros_init, rngs=rngs)
         if stride != 1 or in_features != out:
-            self.proj = SlimmableConv(in_features, out, (1, 1), strides=stride, **conv)
+            self.proj = SlimmableConv(
+                in_features, out, (1, 1), strides=stride, padding=0, **conv
+            )
             self.proj_bn = SwitchableBatchNorm(out, widths, rngs=rngs)
         else:
             self.proj = self.proj_bn = nnx.data(None)
@@ -337,21 +401,25 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """ResNet bottleneck block (1x1, 3x3 with the stride, 1x1 x4) with switchable BN."""
+    """ResNet bottleneck (1x1, 3x3 with the stride and padding 1, 1x1 x4), switchable BN."""
 
     expansion = 4
 
     def __init__(self, in_features, features, stride, widths, *, rngs):
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
-        self.conv1 = SlimmableConv(in_features, features, (1, 1), **conv)
+        self.conv1 = SlimmableConv(in_features, features, (1, 1), padding=0, **conv)
         self.bn1 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv2 = SlimmableConv(features, features, (3, 3), strides=stride, **conv)
+        self.conv2 = SlimmableConv(
+            features, features, (3, 3), strides=stride, padding=_PAD3, **conv
+        )
         self.bn2 = SwitchableBatchNorm(features, widths, rngs=rngs)
-        self.conv3 = SlimmableConv(features, out, (1, 1), **conv)
+        self.conv3 = SlimmableConv(features, out, (1, 1), padding=0, **conv)
         self.bn3 = SwitchableBatchNorm(out, widths, scale_init=zeros_init, rngs=rngs)
         if stride != 1 or in_features != out:
-            self.proj = SlimmableConv(in_features, out, (1, 1), strides=stride, **conv)
+            self.proj = SlimmableConv(
+                in_features, out, (1, 1), strides=stride, padding=0, **conv
+            )
             self.proj_bn = SwitchableBatchNorm(out, widths, rngs=rngs)
         else:
             self.proj = self.proj_bn = nnx.data(None)
@@ -384,7 +452,8 @@ class SlimmableResNet(_Encoder):
       in_channels: image channels.
       projection_dim: the embedding size, or ``None`` for no head.
       head_hidden: hidden size of the head (default: the representation size).
-      head_batch_norm: SimCLR's head (with BN) instead of MoCo v2's.
+      head_type: the projection head, ``"mocov2"``, ``"simclr"`` or
+        ``"mocov3"`` (:class:`SlimmableProjectionHead`).
       rngs: the random generators.
 
     Examples:
@@ -408,7 +477,7 @@ class SlimmableResNet(_Encoder):
         in_channels: int = 3,
         projection_dim: int | None = 128,
         head_hidden: int | None = None,
-        head_batch_norm: bool = False,
+        head_type: str = "mocov2",
         rngs: nnx.Rngs,
     ):
         if block not in _BLOCKS:
@@ -423,6 +492,7 @@ class SlimmableResNet(_Encoder):
                 in_channels,
                 num_filters,
                 (3, 3),
+                padding=_PAD3,
                 slice_input=False,
                 use_bias=False,
                 kernel_init=_conv_init,
@@ -453,7 +523,7 @@ class SlimmableResNet(_Encoder):
                 in_features = features * block_cls.expansion
         self.blocks = nnx.List(blocks)
         self.num_features = in_features
-        self.head = self._make_head(projection_dim, head_hidden, head_batch_norm, rngs)
+        self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
         x = jax.nn.relu(
@@ -630,7 +700,8 @@ class SlimmableViT(_Encoder):
       head_dim: per-head dimension (default ``embed_dim // num_heads``).
       projection_dim: the embedding size of the head, or ``None``.
       head_hidden: hidden size of the head (default ``embed_dim``).
-      head_batch_norm: SimCLR's head (with BN) instead of MoCo v2's.
+      head_type: the projection head, ``"mocov2"``, ``"simclr"`` or
+        ``"mocov3"`` (:class:`SlimmableProjectionHead`).
       rngs: the random generators.
 
     Examples:
@@ -659,7 +730,7 @@ class SlimmableViT(_Encoder):
         head_dim: int | None = None,
         projection_dim: int | None = 256,
         head_hidden: int | None = None,
-        head_batch_norm: bool = False,
+        head_type: str = "mocov2",
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
@@ -697,7 +768,7 @@ class SlimmableViT(_Encoder):
         )
         self.norm = SwitchableLayerNorm(embed_dim, self.widths, sliced=False, rngs=rngs)
         self.num_features = embed_dim
-        self.head = self._make_head(projection_dim, head_hidden, head_batch_norm, rngs)
+        self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
     def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
         del use_running_average  # no batch statistics in the backbone

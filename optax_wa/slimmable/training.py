@@ -647,7 +647,9 @@ def init_queue(rng: jax.Array, size: int, dim: int) -> MoCoQueue:
 def enqueue(queue: MoCoQueue, keys: jax.Array) -> MoCoQueue:
     """Replaces the oldest ``len(keys)`` entries with the normalized ``keys``.
 
-    The queue size must be a multiple of the batch size (as in MoCo).
+    The queue size must be a multiple of the batch size (as in MoCo) and the
+    keys must have the queue's feature size; both raise a ``ValueError``
+    otherwise.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -656,6 +658,11 @@ def enqueue(queue: MoCoQueue, keys: jax.Array) -> MoCoQueue:
       >>> queue.keys[0].tolist(), int(queue.ptr)
       ([0.6000000238418579, 0.800000011920929], 1)
     """
+    if jnp.ndim(keys) != 2 or keys.shape[1] != queue.keys.shape[1]:
+        raise ValueError(
+            f"enqueue: keys must be (N, {queue.keys.shape[1]}) like the queue's "
+            f"entries, got {jnp.shape(keys)}."
+        )
     size, n = queue.keys.shape[0], keys.shape[0]
     if size % n:
         raise ValueError(

@@ -33,11 +33,15 @@ def get_config():
     config.projection_dim = 128
     config.widths = (1.0, 0.75, 0.5, 0.25)
 
-    # Contrastive framework: "simclr" or "mocov2".
+    # Contrastive framework: "simclr", "mocov2" or "mocov3", each with its
+    # released head (SimCLR's ends with a switchable BN; MoCo v3 adds a
+    # slimmable predictor). MoCo v3 as released: temperature 1.0,
+    # distill_temperature 1.0, mlp_dim 4096, optimizer "lars".
     config.framework = "simclr"
-    config.temperature = 0.2  # NT-Xent / InfoNCE temperature
+    config.temperature = 0.2  # NT-Xent / InfoNCE / MoCo v3 temperature
     config.queue_size = 4096  # MoCo v2
-    config.key_momentum = 0.99  # MoCo v2 key encoder EMA
+    config.key_momentum = 0.99  # MoCo v2 EMA; MoCo v3's base (cosine to 1)
+    config.mlp_dim = None  # hidden size of the heads (None: representation size)
 
     # SlimCLR: slow start, online distillation, loss reweighting.
     config.slow_start_fraction = 0.5  # fraction of training with the full width only
@@ -53,16 +57,24 @@ def get_config():
     config.augment.trend = 0.5  # signals
     config.augment.noise = 0.1  # signals
 
-    # Optimization (pretraining): "sgd" (momentum) or "adamw".
+    # Optimization (pretraining): "sgd" (momentum), "adamw" or "lars".
     config.optimizer = "sgd"
     config.learning_rate = 0.5  # for batch_size 256, scaled linearly
+    # The released reset of the base rate at the slow-start switch (scaled as
+    # learning_rate); None keeps one cosine.
+    config.slim_start_lr = None
     config.momentum = 0.9
+    config.trust_coefficient = 1e-3  # LARS
     config.weight_decay = 1e-4
     config.warmup_epochs = 5
     config.batch_size = 256
     config.num_epochs = 200
 
-    # Switchable linear probe on the frozen backbone.
+    # Switchable linear probe on the frozen backbone: "adam" (standardized
+    # features) or "released" (SGD on raw features, sub-widths distilled
+    # from the full-width head; the released recipe uses lr 0.4, 90 epochs).
+    config.probe = "adam"
+    config.probe_momentum = 0.9  # "released"
     config.probe_epochs = 50
     config.probe_batch_size = 256
     config.probe_learning_rate = 1e-2

@@ -5,7 +5,11 @@ Runs in a few minutes on a CPU::
     python -m examples.slimclr.main --workdir=/tmp/slimclr_mnist1d \
         --config=examples/slimclr/configs/mnist1d.py
 
-Add ``--config.framework=mocov2`` for the MoCo v2 variant.
+Add ``--config.framework=mocov2`` for the MoCo v2 variant, or
+``--config.framework=mocov3 --config.temperature=1.0
+--config.distill_temperature=1.0`` for MoCo v3 with its released
+temperatures (``--config.optimizer=lars`` and ``--config.slim_start_lr`` for
+the released optimizer and learning-rate reset).
 """
 
 from examples.slimclr.configs import default
