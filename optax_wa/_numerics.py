@@ -26,6 +26,18 @@ import jax
 import jax.numpy as jnp
 
 
+def accumulation_dtype(dtype):
+    """The dtype sums and means accumulate in: float32, or the input's if wider.
+
+    bfloat16 and float16 keep 8 and 11 significant bits, and a sum of ``M``
+    of them in their own dtype rounds ``M - 1`` times. float32 (24 bits) holds
+    every bfloat16/float16 value exactly and adds a few of them with an error
+    far below their own rounding, so a mean or a pull accumulated in float32
+    and rounded once to the leaf's dtype is rounded once, not ``M`` times.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def global_norm(leaves: Sequence[jax.Array]) -> jax.Array:
     """The L2 norm of all ``leaves`` together, scaled, in float32.
 

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 
 from optax_wa import members
+from optax_wa._checks import is_concrete_number, is_traced, require_floating
+from optax_wa._numerics import accumulation_dtype
 
 __all__ = [
     "AveragingState",
@@ -62,10 +64,6 @@ PapaState = AveragingState
 # --- the sync schedule --------------------------------------------------------
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _check_sync(name: str, sync) -> SyncSchedule:
     """An int >= 1 or a callable; a traced integer (``inject_hyperparams``) passes."""
     if callable(sync):
@@ -84,7 +82,7 @@ def _check_sync(name: str, sync) -> SyncSchedule:
         raise ValueError(
             f"{name} must be an integer >= 1 or a schedule count -> bool, got {sync!r}."
         )
-    if _is_concrete(sync) and int(sync) < 1:
+    if not is_traced(sync) and int(sync) < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {sync!r}.")
     return sync
 
@@ -196,16 +194,6 @@ def _require_params(name, params):
         )
 
 
-def _require_floating(name, params):
-    for path, p in jax.tree_util.tree_leaves_with_path(params):
-        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
-            raise TypeError(
-                f"{name}: param {jax.tree_util.keystr(path)} has dtype "
-                f"{jnp.result_type(p)}; members are averaged, and an integer mean "
-                "would be truncated. Use floating-point params."
-            )
-
-
 def _inexact(x) -> bool:
     return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
 
@@ -237,9 +225,108 @@ def _released_pairs(num: int, key: jax.Array) -> jax.Array:
     return table[jax.random.permutation(key, num)]
 
 
-def _in_param_dtype(target, p):
-    """``target`` (accumulation precision) rounded once to ``p``'s dtype."""
-    return target.astype(p.dtype).astype(target.dtype)
+# How the core computes a sync step, and why.
+#
+# Member i holds w_i; the inner optimizer proposes u_i; n_i = w_i + u_i is
+# where the member would go. At a sync step the target is
+#
+#   pull:       t_i = a n_i + (1 - a) m,   m = (1/M) sum_j n_j
+#               (Lookaround: t_i = m, the case a = 0; PAPA: a = alpha_t)
+#   pair_half:  t_i = (n_{p_i} + n_{q_i}) / 2   (PAPA-2)
+#
+# and the returned update is t_i - w_i, so that the caller's
+# optax.apply_updates lands on t_i. The pull keeps the mean,
+# (1/M) sum_i t_i = a m + (1 - a) m = m, and shrinks every member's distance
+# to it by a: t_i - m = a (n_i - m). After s syncs with no inner step in
+# between the spread is a^s of what it was; a = 0 collapses it at once.
+#
+# Cost. The mean is a reduction over members (M reads per value in stacked
+# mode, an all-reduce in named mode); a sync happens once every k steps. So
+# the mean alone sits in a lax.cond branch: off-sync steps run the other
+# branch, which writes zeros and reads nothing. In stacked mode the branch
+# returns one model (the member axis reduced away), 1/M of the ensemble, so
+# even the zeros are cheap. Everything that touches the whole ensemble, the
+# weighted sum a n_i + (1 - a) m and the choice between t_i - w_i and u_i, is
+# elementwise and stays outside the cond, where XLA fuses it with the inner
+# update and with apply_updates into one pass; an output of a cond is a
+# buffer of its own and fuses with nothing. The branch operands are (w, u),
+# not n, so that an off-sync step does not pay for the sum n = w + u either.
+# PAPA-2's pairs are a gather of whole members, so that branch returns the
+# whole ensemble; its zeros branch takes zeros_like of n, which keeps n's
+# split of the member axis across devices (XLA drops the unused sum).
+#
+# Precision. n, m and t are formed in accumulation precision (float32 for
+# bfloat16/float16 params): a mean summed in bfloat16 would round to 8
+# significant bits at each of its M - 1 additions instead of once. The target
+# is then rounded once to the params' dtype, and the update is returned in
+# float32: t - w, both bfloat16, is exact in float32 whenever their exponents
+# differ by at most 16 (the exact difference has at most 8 + 16 significant
+# bits; float16: 11 + 13), so apply_updates, which adds in the wider dtype and
+# casts back, gives exactly t. A bfloat16 update would round t - w a second
+# time: after a Lookaround sync the members would differ in the last bit
+# instead of being bitwise equal.
+
+
+def _acc(x):
+    """``x`` in accumulation precision (float32 for bfloat16/float16)."""
+    return x.astype(accumulation_dtype(x.dtype))
+
+
+def _moved(ops):
+    """``n_i = w_i + u_i`` for every member, in accumulation precision."""
+    params, inner_updates = ops
+    return jax.tree.map(lambda p, u: _acc(p) + _acc(u), params, inner_updates)
+
+
+def _pull_targets(ops, is_sync, weight, axis_name):
+    """``t_i = a n_i + (1 - a) m`` (``weight=None``: ``t_i = m``); zeros for
+    ``m`` off-sync, where the caller's select discards ``t``."""
+
+    def mean_of(ops):
+        return members.reduced_member_mean(_moved(ops), axis_name)
+
+    mean_like = jax.eval_shape(mean_of, ops)
+
+    def no_mean(ops):
+        del ops
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
+
+    mean = jax.lax.cond(is_sync, mean_of, no_mean, ops)
+
+    def target(n, m, p):
+        m = members.broadcast_to_members(m, p, axis_name)
+        if weight is None:
+            return m
+        w = weight.astype(n.dtype)
+        return w * n + (1 - w) * m
+
+    return jax.tree.map(target, _moved(ops), mean, ops[0])
+
+
+def _pair_targets(ops, is_sync, pairs, axis_name):
+    """``t_i = (n_{p_i} + n_{q_i}) / 2`` at a sync; zeros, split as ``n``, elsewhere."""
+    return jax.lax.cond(
+        is_sync,
+        lambda ops: members.pair_mean(_moved(ops), pairs, axis_name),
+        lambda ops: jax.tree.map(jnp.zeros_like, _moved(ops)),
+        ops,
+    )
+
+
+def _sync_or_inner_updates(is_sync, targets, params, inner_updates):
+    """``round(t_i) - w_i`` at a sync, ``u_i`` elsewhere; float32 for bfloat16."""
+
+    def one(t, p, u):
+        rounded = t.astype(p.dtype).astype(t.dtype)
+        return jnp.where(is_sync, rounded - _acc(p), _acc(u))
+
+    return jax.tree.map(one, targets, params, inner_updates)
+
+
+def _num_members(params, axis_name):
+    if axis_name is None:
+        return members.num_members(params)
+    return jax.lax.psum(1, axis_name)
 
 
 def _periodic_average(
@@ -258,19 +345,9 @@ def _periodic_average(
         new_i = alpha_t (w_i + u_i) + (1 - alpha_t) mean_j (w_j + u_j)
 
     (``combine="pull"``; ``alpha=None`` is the plain mean) or
-    ``new_i = (new_{a_i} + new_{b_i}) / 2`` (``combine="pair_half"``).
-
-    Cost: the mean is a ``lax.cond`` branch holding one model (``1/M`` of the
-    ensemble) and the pairs a branch holding the new ensemble, so off-sync
-    steps do not reduce over members; the selection between the sync target
-    and the plain update is elementwise and fuses with ``apply_updates``.
-
-    Rounding: the update is ``target - params`` in accumulation precision
-    (float32 for bfloat16/float16 params), with the target rounded once to the
-    params' dtype first. The difference of two bfloat16 (or float16) values
-    is exact in float32, so ``optax.apply_updates`` (which adds in the wider
-    dtype and casts back) lands exactly on the rounded target: after a
-    Lookaround sync members are bitwise equal.
+    ``new_i = (new_{a_i} + new_{b_i}) / 2`` (``combine="pair_half"``). The
+    comment above derives the steps and explains the ``lax.cond`` and the
+    float32 update.
     """
     inner = optax.with_extra_args_support(inner)
     per_member = members.per_member(inner, axis_name)
@@ -282,61 +359,21 @@ def _periodic_average(
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params(name, params)
-        _require_floating(name, params)
+        require_floating(name, params)
         count = optax.safe_increment(state.count)
         is_sync = is_sync_step(sync, count)
         inner_updates, inner_state = per_member.update(
             updates, state.inner_state, params, **extra_args
         )
-
-        def acc(x):
-            return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-        def added(ops):  # the members' new params, in accumulation precision
-            return jax.tree.map(lambda p, u: acc(p) + acc(u), *ops)
-
-        def no_sync(ops):
-            if combine == "pull":
-                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
-            return jax.tree.map(jnp.zeros_like, added(ops))  # keeps the member split
-
-        # The branch operands are the params and inner updates (not their sum),
-        # so that off-sync steps add nothing to what the inner update writes.
         ops = (params, inner_updates)
         if combine == "pull":
-            mean_of = lambda ops: members.reduced_member_mean(added(ops), axis_name)  # noqa: E731
-            mean_like = jax.eval_shape(mean_of, ops)
-            mean = jax.lax.cond(is_sync, mean_of, no_sync, ops)
             weight = None if alpha is None else _alpha_at(alpha, count)
-
-            def target_of(n, m, p):
-                m = members.broadcast_to_members(m, p, axis_name)
-                if weight is None:
-                    return m
-                w = weight.astype(n.dtype)
-                return w * n + (1 - w) * m
-
-            targets = jax.tree.map(target_of, added(ops), mean, params)
+            targets = _pull_targets(ops, is_sync, weight, axis_name)
         else:
-            pairs = _released_pairs(
-                members.num_members(params)
-                if axis_name is None
-                else jax.lax.psum(1, axis_name),
-                jax.random.fold_in(jax.random.key(seed), count),
-            )
-            targets = jax.lax.cond(
-                is_sync,
-                lambda ops: members.pair_mean(added(ops), pairs, axis_name),
-                no_sync,
-                ops,
-            )
-
-        new_updates = jax.tree.map(
-            lambda t, p, u: jnp.where(is_sync, _in_param_dtype(t, p) - acc(p), acc(u)),
-            targets,
-            params,
-            inner_updates,
-        )
+            key = jax.random.fold_in(jax.random.key(seed), count)
+            pairs = _released_pairs(_num_members(params, axis_name), key)
+            targets = _pair_targets(ops, is_sync, pairs, axis_name)
+        new_updates = _sync_or_inner_updates(is_sync, targets, params, inner_updates)
         if state_policy != "keep":
             averaged = jax.tree.map(lambda t, p: t.astype(p.dtype), targets, params)
             inner_state = jax.lax.cond(
@@ -519,12 +556,12 @@ def papa(
     period = _check_sync("period", period)
     if combine not in _COMBINES:
         raise ValueError(f"combine must be one of {_COMBINES}, got {combine!r}.")
-    if not callable(alpha) and _is_concrete(alpha):
-        try:
-            value = np.asarray(alpha, np.float64)
-        except (TypeError, ValueError):
-            value = np.asarray(np.nan)
-        if value.ndim != 0 or not 0.0 <= float(value) <= 1.0:
+    if not callable(alpha) and not is_traced(alpha):
+        if (
+            not is_concrete_number(alpha)
+            or np.ndim(alpha) != 0
+            or not 0.0 <= float(alpha) <= 1.0
+        ):
             raise ValueError(f"alpha must be a scalar in [0, 1], got {alpha!r}.")
     return _periodic_average(
         inner,
@@ -575,11 +612,15 @@ def papa_lr_scaled_alpha(
       >>> round(float(alpha(4)), 6)                 # 1 - (0.1 / 0.2) * 0.1
       0.95
     """
-    if not isinstance(alpha, (int, float, np.number)) or not 0.0 <= alpha <= 1.0:
+    if (
+        not is_concrete_number(alpha)
+        or np.ndim(alpha) != 0
+        or not 0.0 <= float(alpha) <= 1.0
+    ):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
     if (
-        isinstance(base_rate, bool)
-        or not isinstance(base_rate, (int, float, np.number))
+        not is_concrete_number(base_rate)
+        or np.ndim(base_rate) != 0
         or not np.isfinite(base_rate)
         or base_rate <= 0
     ):

@@ -15,6 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_wa._numerics import accumulation_dtype
+
+__all__ = ["recalibrate_batch_stats", "recalibrate_nnx_batch_stats"]
+
 PyTree = Any
 
 
@@ -82,9 +86,7 @@ def recalibrate_batch_stats(
         total += weight
         if avg is None:
             avg = jax.tree.map(
-                lambda x: jnp.asarray(
-                    x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
-                ),
+                lambda x: jnp.asarray(x, accumulation_dtype(jnp.asarray(x).dtype)),
                 stats,
             )
         else:

@@ -31,14 +31,31 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_wa._checks import leaf_name, require_floating
+from optax_wa._numerics import accumulation_dtype
+
+__all__ = [
+    "average_members",
+    "broadcast_to_members",
+    "init_members",
+    "interpolate",
+    "member_mean",
+    "member_sharding",
+    "num_members",
+    "pair_mean",
+    "per_member",
+    "permute_members",
+    "pull_to_mean",
+    "reduced_member_mean",
+    "shard_members",
+    "stack",
+    "unstack",
+]
+
 PyTree = Any
 
 # Above this many members the unrolled sum is replaced by a reduction.
 _UNROLL_LIMIT = 32
-
-
-def _path_str(path) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
 
 
 def num_members(tree: PyTree) -> int:
@@ -68,10 +85,10 @@ def num_members(tree: PyTree) -> int:
         shape = jnp.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
-                f"num_members: leaf {_path_str(path)} is a scalar; every leaf of "
+                f"num_members: leaf {leaf_name(path)} is a scalar; every leaf of "
                 "a stacked ensemble needs a leading member axis."
             )
-        sizes.setdefault(shape[0], _path_str(path))
+        sizes.setdefault(shape[0], leaf_name(path))
     if len(sizes) > 1:
         described = ", ".join(f"{name} has {size}" for size, name in sizes.items())
         raise ValueError(
@@ -158,10 +175,6 @@ def init_members(
     return jax.vmap(init_fn)(keys)
 
 
-def _accumulation_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _member_axis_is_sharded(x: jax.Array) -> bool:
     """Whether the leading axis is sharded over an explicit mesh axis."""
     try:
@@ -203,7 +216,11 @@ def _sum_over_members(x: jax.Array) -> jax.Array:
     axis is sharded over an explicit mesh axis, a reduction is used instead
     (local partial sums, then one all-reduce).
     """
-    acc_dtype = _accumulation_dtype(x.dtype)
+    # The unrolled form reads each member once and keeps one running sum: the
+    # same M - 1 float32 additions as the reduction, in member order, so the
+    # two forms differ only in the order of the additions (an XLA reduction
+    # may pair them as a tree).
+    acc_dtype = accumulation_dtype(x.dtype)
     size = x.shape[0]
     if size > _UNROLL_LIMIT or _member_axis_is_sharded(x):
         return jnp.sum(x.astype(acc_dtype), axis=0)
@@ -213,25 +230,10 @@ def _sum_over_members(x: jax.Array) -> jax.Array:
     return acc
 
 
-def _check_floating(fn: str, tree: PyTree) -> None:
-    """Raises ``TypeError`` naming the first leaf whose dtype is not floating.
-
-    The mean of integers would be truncated (the mean of 1 and 2 is not 1).
-    """
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"{fn}: leaf {_path_str(path)} has dtype {dtype}; member means need "
-                "floating-point leaves (an integer mean would be truncated). Cast "
-                "the leaf to a float dtype or keep it out of the tree."
-            )
-
-
 def _reduced_mean_leaf(x: jax.Array, axis_name: str | None) -> jax.Array:
     """Member mean of one leaf in accumulation precision, without a member axis
     in stacked mode (``x.shape[1:]``); ``lax.pmean`` in named mode."""
-    acc = x.astype(_accumulation_dtype(x.dtype))
+    acc = x.astype(accumulation_dtype(x.dtype))
     if axis_name is not None:
         return jax.lax.pmean(acc, axis_name)
     return _sum_over_members(acc) / x.shape[0]
@@ -265,7 +267,7 @@ def reduced_member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
       >>> members.reduced_member_mean(tree)["w"]
       Array([2., 4.], dtype=float32)
     """
-    _check_floating("reduced_member_mean", tree)
+    require_floating("reduced_member_mean", tree)
     return jax.tree.map(lambda x: _reduced_mean_leaf(x, axis_name), tree)
 
 
@@ -292,7 +294,7 @@ def average_members(tree: PyTree, axis_name: str | None = None) -> PyTree:
       >>> members.average_members({"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])})["w"]
       Array([2., 4.], dtype=float32)
     """
-    _check_floating("average_members", tree)
+    require_floating("average_members", tree)
     if axis_name is None:
         num_members(tree)
     return jax.tree.map(
@@ -339,7 +341,7 @@ def member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
     Raises:
       TypeError: if a leaf is not floating point.
     """
-    _check_floating("member_mean", tree)
+    require_floating("member_mean", tree)
     return jax.tree.map(lambda x: _mean_leaf(x, axis_name).astype(x.dtype), tree)
 
 
@@ -351,7 +353,7 @@ def interpolate(a: PyTree, b: PyTree, alpha) -> PyTree:
     """
 
     def one(x, y):
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         al = jnp.asarray(alpha, acc)
         return (al * x.astype(acc) + (1 - al) * y.astype(acc)).astype(x.dtype)
 
@@ -378,7 +380,11 @@ def pull_to_mean(tree: PyTree, alpha, axis_name: str | None = None) -> PyTree:
     Raises:
       TypeError: if a leaf is not floating point.
     """
-    _check_floating("pull_to_mean", tree)
+    require_floating("pull_to_mean", tree)
+    # The pull keeps the mean and shrinks each member's offset from it by
+    # alpha: (1/M) sum_i (a w_i + (1 - a) m) = m, and (a w_i + (1 - a) m) - m
+    # = a (w_i - m). The mean m is formed in float32 (_mean_leaf) and the
+    # interpolation too (interpolate), so each leaf is rounded once at the end.
     return jax.tree.map(lambda x: interpolate(x, _mean_leaf(x, axis_name), alpha), tree)
 
 
@@ -411,11 +417,19 @@ def pair_mean(tree: PyTree, pairs: jax.Array, axis_name: str | None = None) -> P
       >>> members.pair_mean(tree, jnp.array([[0, 1], [1, 2], [0, 2]]))["w"]
       Array([1., 4., 3.], dtype=float32)
     """
-    _check_floating("pair_mean", tree)
+    require_floating("pair_mean", tree)
     pairs = jnp.asarray(pairs)
 
+    # The pairs are traced (PAPA-2 draws them each sync), so the member a device
+    # reads from is unknown when compiling: a ppermute needs a static
+    # source-target table, and the one collective that serves a traced index
+    # is a gather of all members (M times one model per device), then a
+    # local pick. With the member axis split over an explicit mesh the same
+    # holds in stacked mode: gather, mix, split again. a + b of two bfloat16
+    # (float16) values is exact in float32 when their exponents differ by at
+    # most 16 (13), and halving is exact, so the result is rounded once.
     def one(x):
-        acc = x.astype(_accumulation_dtype(x.dtype))
+        acc = x.astype(accumulation_dtype(x.dtype))
         if axis_name is None:
             spec = jax.typeof(x).sharding.spec if _member_axis_is_sharded(x) else None
             if spec is not None:  # gather the members, mix, split them again

@@ -23,7 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_wa._checks import is_concrete_number, is_traced
 from optax_wa._numerics import global_norm, safe_ratio
+
+__all__ = [
+    "SamInfo",
+    "SharpnessAwareState",
+    "sam_value_and_grad",
+    "sharpness_aware",
+    "ssam",
+]
 
 PyTree = Any
 
@@ -81,18 +90,6 @@ _ADV_NORM_WEIGHTS = ("perturbed", "clean")
 _PARAMS_REWRITING_MODULES = ("optax_wa.averaging", "optax_wa.shuffling")
 
 
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _is_concrete_number(x) -> bool:
-    if isinstance(x, (bool, np.bool_)):
-        return False
-    if isinstance(x, (int, float, np.number)):
-        return True
-    return isinstance(x, (np.ndarray, jax.Array)) and not _is_traced(x)
-
-
 def _check_hyperparameter(name: str, value, *, positive=False, allow_schedule=False):
     """A number (or scalar array) >= 0 (> 0 with ``positive``); a traced one passes.
 
@@ -101,12 +98,12 @@ def _check_hyperparameter(name: str, value, *, positive=False, allow_schedule=Fa
     """
     if allow_schedule and callable(value):
         return
-    if _is_traced(value):
+    if is_traced(value):
         if jnp.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
         return
     bound = "> 0" if positive else ">= 0"
-    if not _is_concrete_number(value):
+    if not is_concrete_number(value):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
     array = np.asarray(value)
     ok = array.ndim == 0 and np.isfinite(array)
@@ -254,6 +251,83 @@ def _as_varying(tree, axis_name):
     return jax.tree.map(one, tree)
 
 
+# The step, in the notation of sam_value_and_grad.
+#
+# SAM: the worst loss in a ball of radius rho around w, to first order,
+#   max_{|e| <= rho} L(w + e) ~ L(w) + max_{|e| <= rho} e.g,
+# is reached at e = rho g / |g| (Cauchy-Schwarz: e.g <= |e| |g|, with
+# equality when e is parallel to g). The descent gradient is the gradient
+# there, g_adv = grad L(w + e), applied at the clean w; the dependence of e
+# on w (a second-order term) is dropped, as in the paper.
+# ASAM measures the ball in the per-coordinate scale T = |w| + eta, so that
+# rescaling a layer does not change the radius: |T^-1 e| <= rho. With e = T v,
+# |v| <= rho, e.g = v.(T g) is largest at v = rho T g / |T g|, hence
+# e = rho T^2 g / |T g| (T = 1 gives SAM back).
+# USAM drops the normalization: e = rho T^2 g.
+# Stable SAM multiplies g_adv by gamma = |T g| / |T' g_adv|, so that the
+# (weighted) descent norm equals the ascent one: where the loss is sharp,
+# |g_adv| can be many times |g|, and the step stays no longer than a plain
+# gradient step.
+#
+# Numerics: everything in float32 whatever the grads' dtype, cast back at
+# the end; norms scaled (_numerics.global_norm), divisions safe at 0
+# (_numerics.safe_ratio), so g = 0 gives e = 0, gamma = 0 and a zero
+# descent, never 0/0. eps is added to the denominators as released.
+# Data parallel: sync_ascent averages g and g_adv over the axis before use
+# (full-batch SAM); otherwise each device perturbs with its own shard's g and
+# only the descent gradients and diagnostics are averaged at the end.
+
+
+def _weights(leaves, flags, eta):
+    """``T = |w| + eta`` per adaptive leaf, in float32; ``None`` where ``T = 1``."""
+    return [
+        jnp.abs(p.astype(jnp.float32)) + eta if flag else None
+        for p, flag in zip(leaves, flags)
+    ]
+
+
+def _weighted(leaves, scales):
+    """``T g`` leafwise (``g`` itself where ``T = 1``)."""
+    return [g if t is None else t * g for g, t in zip(leaves, scales)]
+
+
+def _perturbed(param_leaves, weighted_grads, scales, grad_norm, rho, eps, o):
+    """``w + e`` in the params' dtypes: ``e = rho T (T g) / (|T g| + eps)`` (SAM)
+    or ``rho T (T g)`` (USAM), formed in float32."""
+    directions = _weighted(weighted_grads, scales)
+    if o.perturbation == "sam":
+        directions = [safe_ratio(d, grad_norm + eps) for d in directions]
+    return [
+        (p.astype(jnp.float32) + rho * d).astype(p.dtype)
+        for p, d in zip(param_leaves, directions)
+    ]
+
+
+def _gradient_at(adv_grad_fn, adv_leaves, treedef, o):
+    """``g_adv`` (float32 leaves) and the perturbed loss (or ``None``)."""
+    adv_grads, adv_loss = adv_grad_fn(
+        _as_varying(treedef.unflatten(adv_leaves), o.axis_name)
+    )
+    adv_grad_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(adv_grads)]
+    if adv_loss is not None:
+        adv_loss = jnp.asarray(adv_loss, jnp.float32)
+    if o.axis_name is not None and o.sync_ascent:
+        adv_grad_leaves, adv_loss = jax.lax.pmean(
+            (adv_grad_leaves, adv_loss), o.axis_name
+        )
+    return adv_grad_leaves, adv_loss
+
+
+def _gamma(grad_norm, adv_grad_norm, eps, max_scale):
+    """``|T g| / (|T' g_adv| + eps)``, capped at ``max_scale`` (clipped at 0)."""
+    gamma = safe_ratio(grad_norm, adv_grad_norm + eps)
+    if max_scale is not None:
+        gamma = jnp.minimum(
+            gamma, jnp.maximum(jnp.asarray(max_scale, jnp.float32), 0.0)
+        )
+    return gamma
+
+
 def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     """Ascent from ``grads`` at ``params``, then the (stabilized) descent gradient.
 
@@ -270,55 +344,27 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     _check_real_floating("params", param_leaves)
     raw_grads = treedef.flatten_up_to(grads)
     _check_real_floating("grads", raw_grads)
-    grad_dtypes = [g.dtype for g in raw_grads]
-    # Everything below is float32; the result is cast back to the grads' dtypes.
     grad_leaves = [g.astype(jnp.float32) for g in raw_grads]
     if o.axis_name is not None and o.sync_ascent:
         grad_leaves = jax.lax.pmean(grad_leaves, o.axis_name)
     flags = _adaptive_flags(params, o.adaptive, o.adaptive_mask)
     eta = jnp.maximum(jnp.asarray(o.adaptive_eta, jnp.float32), 0.0)
     eps = jnp.maximum(jnp.asarray(o.eps, jnp.float32), 0.0)
-
-    def weights(leaves):
-        """T = |w| + eta per adaptive leaf, None where T = 1."""
-        return [
-            jnp.abs(p.astype(jnp.float32)) + eta if flag else None
-            for p, flag in zip(leaves, flags)
-        ]
-
-    def weighted(leaves, scales):
-        return [g if t is None else t * g for g, t in zip(leaves, scales)]
-
-    scales = weights(param_leaves)
-    weighted_grads = weighted(grad_leaves, scales)
-    grad_norm = global_norm(weighted_grads)
     rho = jnp.maximum(jnp.asarray(rho, jnp.float32), 0.0)
-    # epsilon = rho T (T g) / (||T g|| + eps) (SAM) or rho T (T g) (USAM), in float32.
-    directions = weighted(weighted_grads, scales)
-    if o.perturbation == "sam":
-        directions = [safe_ratio(d, grad_norm + eps) for d in directions]
-    adv_leaves = [
-        (p.astype(jnp.float32) + rho * d).astype(p.dtype)
-        for p, d in zip(param_leaves, directions)
-    ]
-    adv_grads, adv_loss = adv_grad_fn(
-        _as_varying(treedef.unflatten(adv_leaves), o.axis_name)
+
+    scales = _weights(param_leaves, flags, eta)
+    weighted_grads = _weighted(grad_leaves, scales)
+    grad_norm = global_norm(weighted_grads)
+    adv_leaves = _perturbed(
+        param_leaves, weighted_grads, scales, grad_norm, rho, eps, o
     )
-    adv_grad_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(adv_grads)]
-    if adv_loss is not None:
-        adv_loss = jnp.asarray(adv_loss, jnp.float32)
-    if o.axis_name is not None and o.sync_ascent:
-        adv_grad_leaves, adv_loss = jax.lax.pmean(
-            (adv_grad_leaves, adv_loss), o.axis_name
-        )
+    adv_grad_leaves, adv_loss = _gradient_at(adv_grad_fn, adv_leaves, treedef, o)
     # ASAM's second norm: T' = |w + e| (+ eta) at the perturbed params, as the
     # released code takes it before restoring w; or T at the clean params.
-    adv_scales = weights(adv_leaves) if o.adv_norm_weight == "perturbed" else scales
-    adv_grad_norm = global_norm(weighted(adv_grad_leaves, adv_scales))
-    gamma = safe_ratio(grad_norm, adv_grad_norm + eps)
-    if o.max_scale is not None:
-        max_scale = jnp.maximum(jnp.asarray(o.max_scale, jnp.float32), 0.0)
-        gamma = jnp.minimum(gamma, max_scale)
+    if o.adv_norm_weight == "perturbed":
+        scales = _weights(adv_leaves, flags, eta)
+    adv_grad_norm = global_norm(_weighted(adv_grad_leaves, scales))
+    gamma = _gamma(grad_norm, adv_grad_norm, eps, o.max_scale)
     descent_leaves = (
         [gamma * g for g in adv_grad_leaves] if o.stable else adv_grad_leaves
     )
@@ -328,13 +374,37 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     if o.axis_name is not None and not o.sync_ascent:
         descent_leaves, info = jax.lax.pmean((descent_leaves, info), o.axis_name)
     descent = treedef.unflatten(
-        [d.astype(dtype) for d, dtype in zip(descent_leaves, grad_dtypes)]
+        [d.astype(g.dtype) for d, g in zip(descent_leaves, raw_grads)]
     )
     return descent, info
 
 
 # ----------------------------------------------------------------------------
 # Public API.
+
+
+def _refuse_params_rewriting(inner_state) -> None:
+    """Raises ``ValueError`` when ``inner`` holds lookaround, papa or wash."""
+    rewriting = _params_rewriting_state(inner_state)
+    if rewriting is not None:
+        raise ValueError(
+            f"the inner optimizer of sharpness_aware/ssam holds a {rewriting}: "
+            "a method that rewrites params (lookaround, papa, wash) must wrap "
+            "the sharpness-aware one, never sit inside it. Write "
+            "lookaround(ssam(optax.sgd(...))), not ssam(lookaround(optax.sgd(...)))."
+        )
+
+
+def _require_update_args(grad_fn, params) -> None:
+    """Raises ``ValueError`` naming ``grad_fn`` or ``params`` when one is missing."""
+    if grad_fn is None:
+        raise ValueError(
+            "sharpness_aware needs the extra argument grad_fn: call "
+            "update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))"
+            " with the same batch as grads."
+        )
+    if params is None:
+        raise ValueError("sharpness_aware needs params in update to perturb them.")
 
 
 def _loss_with_aux(loss_fn, has_aux):
@@ -707,34 +777,17 @@ def sharpness_aware(
 
     def init_fn(params):
         inner_state = inner.init(params)
-        rewriting = _params_rewriting_state(inner_state)
-        if rewriting is not None:
-            raise ValueError(
-                f"the inner optimizer of sharpness_aware/ssam holds a {rewriting}: "
-                "a method that rewrites params (lookaround, papa, wash) must wrap "
-                "the sharpness-aware one, never sit inside it. Write "
-                "lookaround(ssam(optax.sgd(...))), not ssam(lookaround(optax.sgd(...)))."
-            )
+        _refuse_params_rewriting(inner_state)
         zero = jnp.zeros([], jnp.float32)
+        info = SamInfo(gamma=zero, grad_norm=zero, adv_grad_norm=zero, adv_loss=None)
         return SharpnessAwareState(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner_state,
-            info=(
-                SamInfo(gamma=zero, grad_norm=zero, adv_grad_norm=zero, adv_loss=None)
-                if record_info
-                else None
-            ),
+            info=info if record_info else None,
         )
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        if grad_fn is None:
-            raise ValueError(
-                "sharpness_aware needs the extra argument grad_fn: call "
-                "update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))"
-                " with the same batch as grads."
-            )
-        if params is None:
-            raise ValueError("sharpness_aware needs params in update to perturb them.")
+        _require_update_args(grad_fn, params)
         rho_t = rho(state.count) if callable(rho) else rho
 
         def adv_grad_fn(adv_params):

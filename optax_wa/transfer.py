@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_wa._checks import differing_leaves
 from optax_wa.permutation import (
     MatchingOptions,
     PermutationSpec,
@@ -33,6 +34,16 @@ from optax_wa.permutation import (
     validate,
     weight_matching,
 )
+
+__all__ = [
+    "TrajectoryScores",
+    "TransferResult",
+    "evaluate_trajectory",
+    "schedule_coefficients",
+    "source_trajectory",
+    "transfer_params",
+    "transfer_trajectory",
+]
 
 PyTree = Any
 
@@ -227,10 +238,9 @@ def _check_params_only(spec, tree, name):
 def _check_same_structure(ref_shapes, tree, name, spec):
     shapes = _check_params_only(spec, tree, name)
     if shapes != ref_shapes:
-        diff = sorted(set(shapes.items()) ^ set(ref_shapes.items()))
         raise ValueError(
             f"{name} does not match target_init (paths and shapes) at leaves "
-            f"{sorted({d[0] for d in diff})[:4]}."
+            f"{differing_leaves(shapes, ref_shapes)}."
         )
 
 
@@ -549,14 +559,3 @@ def evaluate_trajectory(
         scores = [float(eval_fn(p, s)) for p, s in zip(params, stats)]
     finite = [s if math.isfinite(s) else -math.inf for s in scores]
     return TrajectoryScores(scores, int(np.argmax(finite)), stats)
-
-
-__all__ = [
-    "TrajectoryScores",
-    "TransferResult",
-    "evaluate_trajectory",
-    "schedule_coefficients",
-    "source_trajectory",
-    "transfer_params",
-    "transfer_trajectory",
-]

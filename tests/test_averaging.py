@@ -220,7 +220,10 @@ def test_papa_lr_scaled_alpha_reads_the_base_rate_not_schedule_zero():
     "kwargs, match",
     [
         (dict(alpha=1.5), "alpha"),
+        (dict(alpha=True), "alpha"),
+        (dict(alpha=np.ones(2) * 0.5), "alpha"),
         (dict(base_rate=0.0), "base_rate"),
+        (dict(base_rate=True), "base_rate"),
         (dict(base_rate=float("nan")), "base_rate"),
         (dict(rate="previous"), "rate"),
     ],
@@ -569,7 +572,9 @@ def test_papa_rejects_bad_period(value):
         optax_wa.papa(optax.sgd(0.1), period=value)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.01, float("nan")])
+@pytest.mark.parametrize(
+    "value", [-0.1, 1.01, float("nan"), True, np.bool_(False), "0.5", np.ones(2)]
+)
 def test_papa_rejects_alpha_outside_unit_interval(value):
     with pytest.raises(ValueError, match="alpha"):
         optax_wa.papa(optax.sgd(0.1), alpha=value)

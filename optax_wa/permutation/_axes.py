@@ -14,14 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_wa._checks import key_name
+
 PyTree = Any
-
-
-def key_str(entry) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
 
 
 def path_str(path) -> str:
@@ -34,7 +29,7 @@ def path_str(path) -> str:
     if parts and isinstance(parts[-1], jax.tree_util.GetAttrKey):
         if parts[-1].name == "value":
             parts = parts[:-1]
-    return "/".join(key_str(p) for p in parts)
+    return "/".join(key_name(p) for p in parts)
 
 
 def join(*parts: str) -> str:

@@ -18,6 +18,8 @@ import numpy as np
 from optax_wa.permutation._axes import SubAxes, join, named_leaves, path_str
 from optax_wa.permutation.spec import PermutationSpec, validate
 
+__all__ = ["conv_spec", "mlp_spec", "resnet_spec", "vit_block_spec"]
+
 _NORM_LEAVES = ("scale", "bias", "mean", "var")
 
 
@@ -531,6 +533,3 @@ def _fused_attention_heads(
     builder.set(
         join(attn, "out", "kernel"), (SubAxes((heads, head_dim), (group, dims)), None)
     )
-
-
-__all__ = ["conv_spec", "mlp_spec", "resnet_spec", "vit_block_spec"]

@@ -17,8 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_wa._checks import differing_leaves, is_traced
 from optax_wa.permutation._axes import expand, named_leaves, permute_view, view_shape
 from optax_wa.permutation.spec import Perms, PermutationSpec, validate
+
+__all__ = [
+    "MatchResult",
+    "MatchingOptions",
+    "gradient_matching",
+    "matching_objective",
+    "weight_matching",
+]
 
 PyTree = Any
 
@@ -87,7 +96,7 @@ def _host_view(spec: PermutationSpec, tree, name: str) -> dict[str, np.ndarray]:
     axes = spec.leaf_axes
     out = {}
     for leaf, x in named_leaves(tree).items():
-        if isinstance(x, jax.core.Tracer):
+        if is_traced(x):
             raise TypeError(
                 f"{name} is traced at leaf {leaf!r}: matching runs on the host with "
                 "concrete arrays; call it outside jax.jit / jax.vmap."
@@ -122,10 +131,10 @@ def _host_pairs(spec: PermutationSpec, pairs, names) -> tuple[list, dict[str, in
             if structure is None:
                 structure, sizes = leaves, s
             elif leaves != structure:
-                diff = sorted(set(leaves.items()) ^ set(structure.items()))
                 raise ValueError(
                     f"pair {k} side {side!r} differs from the first tree at leaves "
-                    f"{[d[0] for d in diff][:4]} (all trees must share paths and shapes)."
+                    f"{differing_leaves(leaves, structure)} (all trees must share "
+                    "paths and shapes)."
                 )
         out.append(tuple(_host_view(spec, t, n) for t, n in zip(pair, names(k))))
     return out, sizes
@@ -481,12 +490,3 @@ def matching_objective(
                 np.vdot(x, permute_view(b[leaf], groups, np_perms, take=np.take))
             )
     return total
-
-
-__all__ = [
-    "MatchResult",
-    "MatchingOptions",
-    "gradient_matching",
-    "matching_objective",
-    "weight_matching",
-]

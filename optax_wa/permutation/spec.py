@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_wa._checks import is_traced
 from optax_wa.permutation._axes import (
     SubAxes,
     expand,
@@ -29,6 +30,17 @@ from optax_wa.permutation._axes import (
     permute_view,
     view_shape,
 )
+
+__all__ = [
+    "PermutationSpec",
+    "SubAxes",
+    "apply_permutation",
+    "compose",
+    "identity_permutation",
+    "invert",
+    "random_permutation",
+    "validate",
+]
 
 PyTree = Any
 Perms = dict[str, jax.Array]
@@ -212,7 +224,7 @@ def _check_perms(spec: PermutationSpec, perms: Mapping[str, Any], sizes):
         if shape != (n,):
             raise ValueError(f"perms[{g!r}] has shape {shape}; the group has size {n}.")
         p = perms[g]
-        if not isinstance(p, jax.core.Tracer):
+        if not is_traced(p):
             if not np.array_equal(np.sort(np.asarray(p)), np.arange(n)):
                 raise ValueError(f"perms[{g!r}] is not a permutation of 0..{n - 1}.")
 
@@ -329,15 +341,3 @@ def compose(outer: Mapping[str, Any], inner: Mapping[str, Any]) -> Perms:
             f"{sorted(set(outer) ^ set(inner))}."
         )
     return {g: jnp.asarray(inner[g])[jnp.asarray(outer[g])] for g in outer}
-
-
-__all__ = [
-    "PermutationSpec",
-    "SubAxes",
-    "apply_permutation",
-    "compose",
-    "identity_permutation",
-    "invert",
-    "random_permutation",
-    "validate",
-]
