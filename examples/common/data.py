@@ -158,6 +158,12 @@ class ProcessBlockSampler:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def __repr__(self) -> str:  # grain checks it against a checkpoint's
+        return (
+            f"ProcessBlockSampler({self.sampler!r}, global_batch={self.global_batch}, "
+            f"shard_count={self.shard_count})"
+        )
+
     def __getitem__(self, index: int):
         local, shard = divmod(index, self.shard_count)
         batch, offset = divmod(local, self.local_batch)
