@@ -161,12 +161,16 @@ def _records(workdir) -> list[dict]:
     ]
 
 
-def _checkpoint_params(workdir, step: int) -> list[np.ndarray]:
+def _checkpoint_params(workdir, step: int, like) -> list[np.ndarray]:
+    """The params of a checkpoint, restored into the shardings of the state ``like``."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-    restored = ocp.StandardCheckpointer().restore(path)
-    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+    )
+    restored = ocp.StandardCheckpointer().restore(path, abstract)
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(restored.params))]
 
 
 def test_process_blocks_make_up_the_single_process_global_batch():
@@ -238,7 +242,7 @@ def test_two_processes_resume_and_match_one_process_with_eight_devices(tmp_path)
                 a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key
             )
 
-    two_params = _checkpoint_params(workdir, 4)
+    two_params = _checkpoint_params(workdir, 4, state)
     one_params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
     assert len(two_params) == len(one_params) > 0
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(two_params, one_params))
