@@ -252,3 +252,24 @@ def test_two_processes_resume_and_match_one_process_with_eight_devices(tmp_path)
     # The run is not degenerate: the members moved apart and the loss changed.
     assert not np.allclose(two_params[0][0], two_params[0][1])
     assert two[0]["train/loss"] != two[-1]["train/loss"]
+
+
+def test_process_flags_without_distributed_are_a_usage_error(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "examples.cifar.main",
+            f"--workdir={tmp_path}",
+            "--config=examples/cifar/configs/tiny.py",
+            "--process_id=1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "need --distributed" in run.stderr
+    assert not (tmp_path / "checkpoints").exists()
