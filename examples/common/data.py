@@ -1,8 +1,9 @@
 """Input pipelines: ``tfds.data_source`` + grain, per-process sharding, no TensorFlow.
 
-Training batches come from a checkpointable ``grain.DataLoader`` whose
-sampler shards records over processes (``jax.process_index()`` of
-``jax.process_count()``). Every record is turned into ``M`` member views,
+Training batches come from a checkpointable ``grain.DataLoader`` sharded
+over processes (``jax.process_index()`` of ``jax.process_count()``): each
+process reads its block of every global batch, and the global batch is the
+one a single process reads. Every record is turned into ``M`` member views,
 one per member, each by that member's augmentation policy (Lookaround's
 per-member augmentation), so a host batch holds
 ``image: (B_local, M, H, W, 3) uint8`` and ``label: (B_local,)``.
@@ -130,6 +131,47 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // count
 
 
+class ProcessBlockSampler:
+    """Orders a sampler so that process ``i``'s reads form block ``i`` of every global batch.
+
+    A ``grain.DataLoader`` sharded with ``ShardOptions(shard_index=i,
+    shard_count=n)`` reads the sampler's positions ``i, i + n, i + 2n, ...``.
+    This sampler maps those reads onto the global stream of ``sampler`` so
+    that process ``i``'s ``k``-th local batch is the ``i``-th contiguous block
+    of ``global_batch / n`` records of the ``k``-th global batch: the global
+    batch (records, their order and their per-record random generators) is
+    the one a single process reads, whatever ``n``. With ``n = 1`` it is
+    ``sampler`` itself.
+    """
+
+    def __init__(self, sampler, global_batch: int, shard_count: int):
+        if global_batch % shard_count:
+            raise ValueError(
+                f"the global batch size {global_batch} is not divisible by the "
+                f"{shard_count} processes."
+            )
+        self.sampler = sampler
+        self.global_batch = global_batch
+        self.shard_count = shard_count
+        self.local_batch = global_batch // shard_count
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __repr__(self) -> str:  # grain checks it against a checkpoint's
+        return (
+            f"ProcessBlockSampler({self.sampler!r}, global_batch={self.global_batch}, "
+            f"shard_count={self.shard_count})"
+        )
+
+    def __getitem__(self, index: int):
+        local, shard = divmod(index, self.shard_count)
+        batch, offset = divmod(local, self.local_batch)
+        return self.sampler[
+            batch * self.global_batch + shard * self.local_batch + offset
+        ]
+
+
 def train_loader(
     source,
     member_transforms: Sequence[Callable],
@@ -138,22 +180,27 @@ def train_loader(
     seed: int,
     worker_count: int = 0,
 ) -> grain.DataLoader:
-    """An endless, shuffled (reshuffled every epoch), per-process sharded loader."""
+    """An endless, shuffled (reshuffled every epoch), per-process sharded loader.
+
+    One global shuffle (``seed``) orders the records; process ``i`` of ``n``
+    (``grain.sharding.ShardByJaxProcess``) loads and augments its contiguous
+    ``global_batch / n`` records of every global batch (see
+    :class:`ProcessBlockSampler`), so the global batch is the same for any
+    number of processes.
+    """
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
+        num_records=len(source), shuffle=True, num_epochs=None, seed=seed
     )
     return grain.DataLoader(
         data_source=source,
-        sampler=sampler,
+        sampler=ProcessBlockSampler(sampler, global_batch, shard_options.shard_count),
         operations=[
             MemberViews(member_transforms),
             grain.transforms.Batch(local_batch_size(global_batch), drop_remainder=True),
         ],
         worker_count=worker_count,
+        shard_options=shard_options,
     )
 
 

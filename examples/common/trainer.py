@@ -369,6 +369,24 @@ def _average_or_empty(tree):
     return members.average_members(tree) if jax.tree.leaves(tree) else tree
 
 
+def _one_at_a_time(fn: Callable) -> Callable:
+    """``fn``, waiting for its result when there are several processes.
+
+    The evaluation dispatches many independent programs (one per batch); with
+    several processes, many of them in flight at once, each waiting in a
+    cross-process collective, were seen to deadlock (CPU processes, gloo).
+    Waiting for each result keeps one in flight; with one process ``fn``
+    is returned as it is.
+    """
+    if jax.process_count() == 1:
+        return fn
+
+    def wait(*args):
+        return jax.block_until_ready(fn(*args))
+
+    return wait
+
+
 class Evaluator:
     """Evaluates members, their logit ensemble and their weight average.
 
@@ -407,7 +425,7 @@ class Evaluator:
             loss = (optax.softmax_cross_entropy(logits, one_hot) * mask).sum(-1)
             return correct, loss, mask.sum()
 
-        self.eval_step = jax.jit(eval_step, out_shardings=replicated)
+        self.eval_step = _one_at_a_time(jax.jit(eval_step, out_shardings=replicated))
         self.average = jax.jit(
             lambda params, state: (
                 members.average_members(setup.view.evaluate(params)),
@@ -415,12 +433,14 @@ class Evaluator:
             ),
             out_shardings=replicated,
         )
-        self.batch_stats = jax.jit(
-            lambda ps, images: fns.batch_stats(
-                ps[0], ps[1], _normalize(config, images)
-            ),
-            in_shardings=(replicated, batch_sharding),
-            out_shardings=replicated,
+        self.batch_stats = _one_at_a_time(
+            jax.jit(
+                lambda ps, images: fns.batch_stats(
+                    ps[0], ps[1], _normalize(config, images)
+                ),
+                in_shardings=(replicated, batch_sharding),
+                out_shardings=replicated,
+            )
         )
 
     def recalibrate(self, avg_params, avg_state):
