@@ -468,12 +468,15 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
 
     * ``"vmap"``: ``jax.vmap(fn, in_axes)``, one batched program for all
       members (a convolution becomes one grouped convolution);
-    * ``"sequential"``: ``jax.lax.map`` over the members, one member after
-      another, each a plain single-model program; activation memory is one
-      member's. When the member axis is split over an explicit mesh (as
-      ``jax.typeof`` shows under :func:`jax.jit`, e.g. after
-      :func:`shard_members`), each device loops over its own members inside
-      ``jax.shard_map``: no member is gathered;
+    * ``"sequential"``: a loop over the members (``jax.lax.scan``, unrolled up
+      to 32 members: XLA:CPU runs a convolution in a ``while`` body many times
+      slower), one member after another, each a plain single-model program.
+      When the member axis is split over an explicit mesh (as ``jax.typeof``
+      shows under :func:`jax.jit`, e.g. after :func:`shard_members` under
+      ``jax.set_mesh``), each device loops over its own members inside
+      ``jax.shard_map``: nothing moves between devices. Over ``Auto`` mesh
+      axes the split is invisible at trace time and XLA moves members
+      between devices (same numbers, more traffic): prefer ``"vmap"`` there;
     * ``"auto"`` (default): the mode measured fastest for the default backend
       with ``benchmarks/ensemble_step.py`` (Lookaround step of a 94.5k-param
       CNN, 32x32x3 inputs, batch 64, 3 members; ms per head-step, 2-core
