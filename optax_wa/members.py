@@ -368,7 +368,7 @@ _MAP_MODES = ("auto", "vmap", "sequential")
 
 # The mode "auto" picks, per backend, measured with benchmarks/ensemble_step.py
 # (table in the docstring of map_members); backends not listed use "vmap".
-_AUTO_MODES = {"cpu": "vmap"}
+_AUTO_MODES = {"cpu": "sequential"}
 
 
 class _Shared:
@@ -428,15 +428,14 @@ def _map_sequential(fn: Callable, leaf_axes: list, args: tuple, treedef) -> PyTr
         return fn(*jax.tree.unflatten(treedef, full))
 
     def loop(mapped, shared):
-        # Unrolled up to _UNROLL_LIMIT members: XLA:CPU runs a convolution in a
-        # ``while`` body (``jax.lax.map``) about 15x slower than in straight code
-        # (benchmarks/README.md, "Mapping members").
+        # On CPU, unrolled up to _UNROLL_LIMIT members: XLA:CPU runs a
+        # convolution in a ``while`` body (``jax.lax.map``) about 15x slower than
+        # in straight code (benchmarks/README.md, "Mapping members"). Elsewhere
+        # a rolled loop, which holds one member's temporaries at a time.
         size = mapped[0].shape[0]
+        unroll = jax.default_backend() == "cpu" and size <= _UNROLL_LIMIT
         _, out = jax.lax.scan(
-            lambda carry, m: (carry, call(m, shared)),
-            None,
-            mapped,
-            unroll=size <= _UNROLL_LIMIT,
+            lambda carry, m: (carry, call(m, shared)), None, mapped, unroll=unroll
         )
         return out
 
@@ -468,9 +467,11 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
 
     * ``"vmap"``: ``jax.vmap(fn, in_axes)``, one batched program for all
       members (a convolution becomes one grouped convolution);
-    * ``"sequential"``: a loop over the members (``jax.lax.scan``, unrolled up
-      to 32 members: XLA:CPU runs a convolution in a ``while`` body many times
-      slower), one member after another, each a plain single-model program.
+    * ``"sequential"``: a loop over the members (``jax.lax.scan``), one member
+      after another, each a plain single-model program. On CPU the loop is
+      unrolled up to 32 members (XLA:CPU runs a convolution in a ``while``
+      body many times slower) and XLA may then overlap members' temporaries;
+      elsewhere it is a rolled loop holding one member's temporaries at a time.
       When the member axis is split over an explicit mesh (as ``jax.typeof``
       shows under :func:`jax.jit`, e.g. after :func:`shard_members` under
       ``jax.set_mesh``), each device loops over its own members inside
@@ -479,15 +480,18 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
       between devices (same numbers, more traffic): prefer ``"vmap"`` there;
     * ``"auto"`` (default): the mode measured fastest for the default backend
       with ``benchmarks/ensemble_step.py`` (Lookaround step of a 94.5k-param
-      CNN, 32x32x3 inputs, batch 64, 3 members; ms per head-step, 2-core
-      CPU, median of interleaved rounds):
+      CNN, 32x32x3 inputs, batch 64, 3 members, 2-core CPU; median time per
+      head-step over one model's step, interleaved rounds):
 
-      ========  =======  ============  ========================================
-      backend   vmap     sequential    ``"auto"``
-      ========  =======  ============  ========================================
-      cpu       see docs/members.md    ``"vmap"``
-      others    --       --            ``"vmap"`` (one program fills the chip)
-      ========  =======  ============  ========================================
+      =========  ==========  ==========  ============  ================
+      backend    vmap        sequential  single model  ``"auto"``
+      =========  ==========  ==========  ============  ================
+      cpu        2.28x       1.02x       1.00x         ``"sequential"``
+      others     --          --          --            ``"vmap"``
+      =========  ==========  ==========  ============  ================
+
+      (peak memory of the compiled step: 345 / 279 / 101 MiB). Accelerators default to ``"vmap"``: one
+      program fills the chip.
 
     Outputs carry the member axis first, as with ``jax.vmap``'s default
     ``out_axes=0`` (an output that does not depend on a mapped argument is
