@@ -412,10 +412,14 @@ def _leaf_axes(in_axes, args: tuple) -> list:
     return axes
 
 
-def _map_sequential(fn: Callable, leaf_axes: list, args: tuple, treedef) -> PyTree:
-    """A loop over the members (``jax.lax.scan``); one ``shard_map`` over an explicit
-    mesh when the member axis is split, so each device loops over its own
-    members and nothing is gathered."""
+def _map_local(
+    fn: Callable, leaf_axes: list, args: tuple, treedef, sequential: bool
+) -> PyTree:
+    """Maps ``fn`` over the members, batched (``jax.vmap``) or one after another
+    (``jax.lax.scan``). When the member axis is split over an explicit mesh,
+    one ``shard_map`` over it: each device maps its own members and nothing is
+    gathered (and a vmapped convolution, whose batching rule reshapes the
+    member axis into the features, stays legal under sharding in types)."""
     leaves = jax.tree.leaves(args)
     mapped = [
         jnp.moveaxis(x, ax, 0) for x, ax in zip(leaves, leaf_axes) if ax is not None
@@ -428,6 +432,8 @@ def _map_sequential(fn: Callable, leaf_axes: list, args: tuple, treedef) -> PyTr
         return fn(*jax.tree.unflatten(treedef, full))
 
     def loop(mapped, shared):
+        if not sequential:
+            return jax.vmap(lambda m: call(m, shared))(mapped)
         # On CPU, unrolled up to _UNROLL_LIMIT members: XLA:CPU runs a
         # convolution in a ``while`` body (``jax.lax.map``) about 15x slower than
         # in straight code (benchmarks/README.md, "Mapping members"). Elsewhere
@@ -466,7 +472,9 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
     member ``m``, computed in one of two ways that give the same numbers:
 
     * ``"vmap"``: ``jax.vmap(fn, in_axes)``, one batched program for all
-      members (a convolution becomes one grouped convolution);
+      members (a convolution becomes one grouped convolution); with the member
+      axis split over an explicit mesh, each device vmaps its own members in
+      a ``jax.shard_map`` (a bare vmapped convolution is refused there);
     * ``"sequential"``: a loop over the members (``jax.lax.scan``), one member
       after another, each a plain single-model program. On CPU the loop is
       unrolled up to 32 members (XLA:CPU runs a convolution in a ``while``
@@ -556,17 +564,16 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
                 "map_members: the mapped axes disagree on the number of members "
                 f"(sizes {sorted(sizes)}); check in_axes."
             )
-        if chosen == "vmap":
-            return jax.vmap(fn, in_axes=axes_arg)(*args, **kwargs)
+        sequential = chosen == "sequential"
         if kwargs:
             names = tuple(kwargs)
             call = lambda *a: fn(*a[: len(args)], **dict(zip(names, a[len(args) :])))
             all_args = (*args, *kwargs.values())
             leaf_axes = leaf_axes + [0] * len(jax.tree.leaves(tuple(kwargs.values())))
-            return _map_sequential(
-                call, leaf_axes, all_args, jax.tree.structure(all_args)
+            return _map_local(
+                call, leaf_axes, all_args, jax.tree.structure(all_args), sequential
             )
-        return _map_sequential(fn, leaf_axes, args, jax.tree.structure(args))
+        return _map_local(fn, leaf_axes, args, jax.tree.structure(args), sequential)
 
     return mapped
 

@@ -199,6 +199,31 @@ def test_sharded_member_axis_each_device_maps_its_own(mode):
     _close(got_shared, jax.vmap(fn, in_axes=(0, None, None))(params, x[0], y[0]))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_sharded_convolution(mode):
+    """A convolution per member with the member axis split over an explicit
+    mesh (a bare jax.vmap of it is refused by sharding in types)."""
+    n = jax.device_count()
+    x = jax.random.normal(jax.random.key(0), (n, 2, 6, 6, 3)) + 0.3
+    k = jax.random.normal(jax.random.key(1), (n, 3, 3, 3, 4))
+
+    def conv(x, k):
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+
+    fn = jax.grad(lambda k, x: jnp.tanh(conv(x, k)).sum())
+    want = jax.vmap(fn)(k, x)
+    mesh = jax.make_mesh((n,), ("members",))
+    with jax.set_mesh(mesh):
+        ks, xs = members.shard_members((k, x), mesh)
+        with pytest.raises(Exception, match="reshape"):
+            jax.jit(jax.vmap(fn))(ks, xs)
+        step = jax.jit(members.map_members(fn, mode=mode))
+        got = step(ks, xs)
+        assert collective_bytes(step.lower(ks, xs).compile()) == 0
+    _close(got, want, tol=2e-6)
+
+
 def test_plain_loop_over_sharded_axis_is_refused():
     """Why the sequential mode needs its shard_map: a bare scan over an
     explicitly split member axis does not compile."""
