@@ -371,10 +371,6 @@ _MAP_MODES = ("auto", "vmap", "sequential")
 _AUTO_MODES = {"cpu": "sequential"}
 
 
-class _Shared:
-    """Marks a leaf that ``in_axes`` leaves unmapped (``None``)."""
-
-
 def _leaf_axes(in_axes, args: tuple) -> list:
     """One entry per leaf of ``args``: the mapped axis (an int) or ``None``.
 
