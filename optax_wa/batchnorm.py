@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+__all__ = ["recalibrate_batch_stats", "recalibrate_nnx_batch_stats"]
+
 PyTree = Any
 
 
