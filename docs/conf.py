@@ -25,3 +25,5 @@ exclude_patterns = ["_build"]
 html_theme = "furo"
 html_title = f"optax_wa {version}"
 nitpicky = False
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
