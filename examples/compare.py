@@ -297,6 +297,24 @@ def print_table(results: dict, cfg: Config, baseline: str) -> None:
     )
 
 
+def _note_ties(ax, finals: dict) -> None:
+    """Names the methods whose final values coincide (their lines overlap)."""
+    groups: dict[str, list[str]] = {}
+    for name, value in finals.items():
+        groups.setdefault(f"{value:.3f}", []).append(name)
+    ties = [f"{', '.join(n)} end at {v}" for v, n in groups.items() if len(n) > 1]
+    if ties:
+        ax.text(
+            0.5,
+            1.01,
+            "lines overlap: " + "; ".join(ties),
+            transform=ax.transAxes,
+            fontsize=7,
+            ha="center",
+            va="bottom",
+        )
+
+
 QUANTITIES = (
     ("member_acc", "mean member"),
     ("ensemble_acc", "logit ensemble"),
@@ -337,7 +355,8 @@ def plot(results: dict, path: str) -> None:
                 if c["step"] >= results[name]["curve"][-1]["step"] / 4
             ]
             ax.set_ylim(min(late) - 0.01, max(late) + 0.005)
-        ax.set_title(f"{title}: test accuracy")
+        _note_ties(ax, {name: results[name][key] for name in names})
+        ax.set_title(f"{title}: test accuracy", pad=14)
         ax.set_xlabel("step")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -351,7 +370,8 @@ def plot(results: dict, path: str) -> None:
         bars = ax.bar(x + (j - 1) * width, values, width, label=title, color=f"C{j}")
         ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.4)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("final test accuracy")
     ax.set_title("final accuracies")
     ax.legend(fontsize=8, loc="upper center", ncol=3)
