@@ -31,7 +31,7 @@ from optax_wa.shuffling import WashState, wash, wash_layer_probs
 from optax_wa.slimmable import freeze_until, slimclr_loss_weights
 from optax_wa.transfer import TransferResult, transfer_params, transfer_trajectory
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source of the version (pyproject reads it)
 
 __all__ = [
     "AveragingState",

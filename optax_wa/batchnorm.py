@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from optax_wa._numerics import accumulation_dtype
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 __all__ = ["recalibrate_batch_stats", "recalibrate_nnx_batch_stats"]
 
@@ -97,12 +100,12 @@ def recalibrate_batch_stats(
 
 
 def recalibrate_nnx_batch_stats(
-    model,
+    model: nnx.Module,
     batches: Iterable[Any],
     *,
     forward: Callable[[Any, Any], Any] | None = None,
     weight_fn: Callable[[Any], float] | None = None,
-):
+) -> nnx.Module:
     """Recalibrates the BatchNorm running statistics of a Flax NNX model in place.
 
     Every ``nnx.BatchNorm`` of ``model`` gets, as running mean and variance,

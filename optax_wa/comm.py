@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+__all__ = ["collective_bytes"]
+
 COLLECTIVE_KINDS = (
     "all-reduce",
     "all-gather",
