@@ -46,7 +46,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_wa  # noqa: E402
-from optax_wa import members, shuffling  # noqa: E402
+from optax_wa import _numerics, members, shuffling  # noqa: E402
 from optax_wa.comm import collective_bytes  # noqa: E402
 
 M = 8
@@ -65,7 +65,7 @@ def first_round_layout(sizes, prob, num_members):
     local = np.arange(seg.size) - first[seg]
     exchanged = np.flatnonzero(local < slots[seg])
     expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
-    capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
+    capacity = _numerics.count_upper_bound(expected / num_members, int(slots.sum()))
     return jobs, slots, (seg, first, local), exchanged, capacity
 
 

@@ -59,6 +59,7 @@ class Config:
     shuffle_prob: float = 0.01
     timing_rounds: int = 7
     timing_steps: int = 20
+    member_map: str = "auto"
 
 
 HELP = {
@@ -75,6 +76,8 @@ HELP = {
     "shuffle_prob": "WASH base shuffle probability",
     "timing_rounds": "interleaved timing rounds after training (median reported)",
     "timing_steps": "steps timed per method in each timing round",
+    "member_map": "how members' gradients are mapped: vmap, sequential or auto "
+    "(members.map_members; auto is sequential on CPU, vmap elsewhere)",
 }
 
 LEGEND = """\
@@ -190,7 +193,9 @@ def train(name: str, cfg: Config, data: dict, progress: bool = True) -> dict:
         x = jax.vmap(setup.augment)(
             x_train[idx], jax.random.split(key, cfg.members), kinds
         )
-        grads = jax.vmap(member_grad)(params, x, y_train[idx])
+        grads = members.map_members(member_grad, mode=cfg.member_map)(
+            params, x, y_train[idx]
+        )
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 

@@ -20,6 +20,7 @@ then has a finite gradient, which ``where`` multiplies by 0). At
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -76,3 +77,20 @@ def safe_ratio(numerator, denominator):
     scale = jax.lax.stop_gradient(jnp.where(positive, denominator, 1.0))
     ratio = (numerator / scale) / jnp.where(positive, denominator / scale, 1.0)
     return jnp.where(positive, ratio, 0.0)
+
+
+EXCHANGE_TAIL = 1e-9
+
+
+def count_upper_bound(mean: float, limit: int, tail: float = EXCHANGE_TAIL) -> int:
+    """A static bound ``b`` with ``P(X > b) <= tail`` for a sum ``X`` of
+    independent Bernoulli variables with ``E[X] = mean`` (hence ``Var X <= mean``).
+
+    Bernstein's inequality, ``P(X - mean >= t) <= exp(-t^2 / (2 (mean + t / 3)))``,
+    solved for ``t``; the bound is capped at ``limit`` (the number of variables).
+    """
+    if mean <= 0.0:
+        return 0
+    log_inv = math.log(1.0 / tail)
+    t = log_inv / 3.0 + math.sqrt((log_inv / 3.0) ** 2 + 2.0 * mean * log_inv)
+    return int(min(limit, math.ceil(mean + t)))

@@ -21,7 +21,6 @@ leaves, whose mean would be truncated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_wa import _numerics
 from optax_wa._checks import leaf_name, require_floating
 from optax_wa._numerics import accumulation_dtype
 
@@ -735,25 +735,9 @@ def shard_members(tree: PyTree, mesh: Mesh, axis: str = "members") -> PyTree:
 # ---------------------------------------------------------------------------
 # Per-coordinate permutations across members (the exchange behind WASH).
 
+
 # Default probability that a static exchange buffer is too small in one call;
 # an overflow is never an error, the caller processes the rest in another round.
-_EXCHANGE_TAIL = 1e-9
-
-
-def _count_upper_bound(mean: float, limit: int, tail: float = _EXCHANGE_TAIL) -> int:
-    """A static bound ``b`` with ``P(X > b) <= tail`` for a sum ``X`` of
-    independent Bernoulli variables with ``E[X] = mean`` (hence ``Var X <= mean``).
-
-    Bernstein's inequality, ``P(X - mean >= t) <= exp(-t^2 / (2 (mean + t / 3)))``,
-    solved for ``t``; the bound is capped at ``limit`` (the number of variables).
-    """
-    if mean <= 0.0:
-        return 0
-    log_inv = math.log(1.0 / tail)
-    t = log_inv / 3.0 + math.sqrt((log_inv / 3.0) ** 2 + 2.0 * mean * log_inv)
-    return int(min(limit, math.ceil(mean + t)))
-
-
 def _explicit_member_axes(x) -> tuple[Any, tuple[str, ...]] | None:
     """``(mesh, mesh_axes)`` when the leading axis of ``x`` is split over mesh
     axes of an explicit mesh (visible in ``jax.typeof(x)``), else ``None``."""
@@ -893,7 +877,7 @@ def permute_members(
     num_items, size = perms.shape
     valid = jnp.ones((num_items,), bool) if valid is None else jnp.asarray(valid, bool)
     if capacity is None:
-        capacity = _count_upper_bound(num_items / size, num_items)
+        capacity = _numerics.count_upper_bound(num_items / size, num_items)
     capacity = max(int(capacity), 1)
 
     if axis_name is not None:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_wa import members
+from optax_wa import _numerics, members
+from optax_wa._checks import key_name
 
 PyTree = Any
 
@@ -65,15 +66,8 @@ class WashState(NamedTuple):
 # Per-tensor probabilities.
 
 
-def _key_name(entry) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _path_parts(path) -> tuple[str, ...]:
-    return tuple(_key_name(entry) for entry in path)
+    return tuple(key_name(entry) for entry in path)
 
 
 def _entry_parts(entry) -> tuple[str, ...]:
@@ -549,7 +543,7 @@ def _layout(jobs, num_members) -> _Layout:
     exchanged = np.flatnonzero(local < slots[seg])
     ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])
     expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
-    capacity = members._count_upper_bound(expected / num_members, int(slots.sum()))
+    capacity = _numerics.count_upper_bound(expected / num_members, int(slots.sum()))
     return _Layout(slots, seg, first, local, exchanged, ex_first, capacity)
 
 
@@ -828,7 +822,7 @@ def _params_shaped_state(inner, inner_state, params):
 
 
 def _make_job(leaf_id, size, prob, arrays, bases):
-    slots = max(members._count_upper_bound(size * prob, size), 1)
+    slots = max(_numerics.count_upper_bound(size * prob, size), 1)
     return _Job(leaf_id, size, prob, slots, tuple(arrays), tuple(bases))
 
 

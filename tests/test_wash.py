@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_wa
-from optax_wa import members, shuffling
+from optax_wa import _numerics, members, shuffling
 from optax_wa.shuffling import shuffle_coordinates, wash_layer_probs
 
 M = 8
@@ -181,7 +181,7 @@ def test_extra_rounds_give_the_same_result(monkeypatch):
     params = _params()
     key = jax.random.key(6)
     one_round = _SHUFFLE(params, key, 0.4)
-    monkeypatch.setattr(members, "_count_upper_bound", lambda mean, limit, tail=0: 2)
+    monkeypatch.setattr(_numerics, "count_upper_bound", lambda mean, limit, tail=0: 2)
     stacked = jax.jit(lambda t: shuffle_coordinates(t, key, 0.4))
     named = jax.jit(
         jax.vmap(

@@ -294,6 +294,20 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
+def member_map_mode(mode: str, mesh: Mesh) -> str:
+    """The ``members.map_members`` mode of the train step.
+
+    ``"auto"`` is ``map_members``'s choice (members one after another on CPU,
+    one vmapped program elsewhere) on a single device. On a mesh of several
+    devices it is ``"vmap"``: the mesh axes here are ``Auto``, so the member
+    split is not visible when tracing, and a sequential loop would let XLA
+    move members between devices.
+    """
+    if mode == "auto" and mesh.size > 1:
+        return "vmap"
+    return mode
+
+
 def make_train_step(setup: Setup) -> Callable:
     """The jitted ``(state, images, labels) -> (state, metrics, finite)``, state donated.
 
@@ -314,6 +328,7 @@ def make_train_step(setup: Setup) -> Callable:
         return loss, (new_state, logits)
 
     oracle = methods.make_grad_oracle(config, setup.method, loss_fn)
+    member_map = member_map_mode(config.get("member_map", "auto"), setup.mesh)
 
     def step(state: TrainState, images, labels):
         x = _normalize(config, images)
@@ -324,9 +339,9 @@ def make_train_step(setup: Setup) -> Callable:
         if config.mixup_alpha > 0:
             key = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
             x, targets = _mixup(key, x, targets, config.mixup_alpha)
-        (loss, (model_state, logits)), grads = jax.vmap(oracle)(
-            view.train(state.params), state.model_state, x, targets
-        )
+        (loss, (model_state, logits)), grads = members.map_members(
+            oracle, mode=member_map
+        )(view.train(state.params), state.model_state, x, targets)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step_count = state.step + 1

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_members = 3
     config.same_init = config_dict.placeholder(bool)  # None: method default
     config.mesh_members = config_dict.placeholder(int)  # None: gcd(M, devices)
+    config.member_map = "auto"  # members.map_members mode: vmap | sequential | auto
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 0.1

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.method = "adamw"
     config.num_members = 1
+    config.member_map = "auto"  # members.map_members mode: vmap | sequential | auto
 
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 10_000
