@@ -275,6 +275,29 @@ def test_bf16_params_stay_bf16(case):
     chex.assert_tree_all_finite(final)
 
 
+def test_bf16_values_follow_the_float32_run(case):
+    """bf16 params end where a float32 run from the same (bf16-rounded) start
+    with the same gradients ends, up to bf16 rounding of 4 steps."""
+    opt = _opt(case)
+    got, _ = _run(opt, case, _params(jnp.bfloat16), update=_jit(opt.update))
+
+    def f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+    ref, _ = _run(
+        opt,
+        case,
+        f32(_params(jnp.bfloat16)),
+        grads_fn=lambda step, dtype: f32(_grads(step, jnp.bfloat16)),
+    )
+    moved = max(
+        float(jnp.max(jnp.abs(r - s)))
+        for r, s in zip(jax.tree.leaves(ref), jax.tree.leaves(f32(_params())))
+    )
+    assert moved > 0.1, "the reference run must move the params"
+    chex.assert_trees_all_close(f32(got), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_multisteps_with_repeated_microbatches_equals_plain(case):
     """MultiSteps(k=2) fed each gradient twice equals the plain optimizer."""
     opt = _opt(case)
