@@ -29,11 +29,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -28,8 +28,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
