@@ -321,6 +321,8 @@ def main():
     for devices in args.devices:
         env = dict(os.environ)
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        if args.smoke:  # compiling is all a smoke run does: skip LLVM's passes
+            env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
         env["JAX_PLATFORMS"] = "cpu"
         cmd = [sys.executable, __file__, "--worker", str(devices), "--batch"]
         cmd += [str(args.batch), "--methods", *args.methods]
