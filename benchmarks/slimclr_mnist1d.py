@@ -118,43 +118,50 @@ def kd_diagnosis(graphdef, params, stats, config, data):
     Var_j(z_w - z_1) per row (the second-order expansion of the KL), whatever
     T. The gradients are taken with respect to the width's embeddings.
     """
-    model = nnx.merge(graphdef, params, stats)
     x = jnp.asarray(data.x_train[: config.batch_size])
     k1, k2 = jax.random.split(jax.random.key(0))
     v1 = input_pipeline.augment(k1, x, data.kind, config.augment)
     v2 = input_pipeline.augment(k2, x, data.kind, config.augment)
 
-    def embed(w):
-        return (
-            model(v1, width=w, use_running_average=False),
-            model(v2, width=w, use_running_average=False),
-        )
+    def ctr(z):
+        return sl.nt_xent(*z, config.temperature)[0]
 
-    _, teacher = sl.nt_xent(*embed(1.0), config.temperature)
+    def distill(z, teacher):
+        _, s = sl.nt_xent(*z, config.temperature)
+        return sl.contrastive_distillation(s, teacher, config.distill_temperature)
+
+    def norm(g):
+        return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g))
+
+    @jax.jit  # one program (op-by-op dispatch of the model is slow)
+    def measures(params, stats):
+        model = nnx.merge(graphdef, params, stats)
+
+        def embed(w):
+            return (
+                model(v1, width=w, use_running_average=False),
+                model(v2, width=w, use_running_average=False),
+            )
+
+        _, teacher = sl.nt_xent(*embed(1.0), config.temperature)
+        out = []
+        for w in WIDTHS[1:]:
+            z = embed(w)
+            _, logits = sl.nt_xent(*z, config.temperature)
+            kd = sl.contrastive_distillation(
+                logits, teacher, config.distill_temperature
+            )
+            grad_kd = norm(jax.grad(distill)(z, teacher))
+            out.append((kd, logits - teacher, grad_kd / norm(jax.grad(ctr)(z))))
+        return out
+
     rows = {}
-    for w in WIDTHS[1:]:
-        z = embed(w)
-        _, logits = sl.nt_xent(*z, config.temperature)
-        kd = float(
-            sl.contrastive_distillation(logits, teacher, config.distill_temperature)
-        )
-        diff = np.asarray(logits - teacher)
+    for w, (kd, diff, ratio) in zip(WIDTHS[1:], measures(params, stats)):
+        diff = np.asarray(diff)
         diff = diff[~np.eye(len(diff), dtype=bool)].reshape(len(diff), -1)
         closed = 0.5 * float(np.mean(np.var(diff, axis=1)))
-
-        def ctr(z):
-            return sl.nt_xent(*z, config.temperature)[0]
-
-        def distill(z):
-            _, s = sl.nt_xent(*z, config.temperature)
-            return sl.contrastive_distillation(s, teacher, config.distill_temperature)
-
-        def norm(g):
-            return float(jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g)))
-
-        ratio = norm(jax.grad(distill)(z)) / norm(jax.grad(ctr)(z))
         spread = float(np.mean(np.std(diff, axis=1)))
-        rows[w] = (kd, closed, spread, ratio)
+        rows[w] = (float(kd), closed, spread, float(ratio))
     return rows
 
 
