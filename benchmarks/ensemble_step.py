@@ -25,21 +25,30 @@ the peak memory of each compiled JAX step (``memory_analysis()``: arguments
 + outputs + temporaries - aliased)::
 
     python benchmarks/ensemble_step.py [--members 3] [--rounds 7] [--steps 5] [--smoke]
+
+``--smoke``: channels 3->4->8->8, batch 8, 2 rounds, without torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
-import optax_wa
-from optax_wa import members
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_wa  # noqa: E402
+from optax_wa import members  # noqa: E402
 
 CHANNELS = (32, 64, 128)
 NUM_CLASSES = 10
@@ -230,12 +239,15 @@ def main():
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
-    if args.smoke:
-        args.batch, args.rounds, args.steps = 8, 2, SYNC
+    if args.smoke:  # tiny CNN, JAX contestants only
+        args.batch, args.rounds, args.steps, args.no_torch = 8, 2, SYNC, True
+    channels = (4, 8, 8) if args.smoke else CHANNELS
 
     num = args.members
     key = jax.random.key(0)
-    params = members.init_members(init_cnn, key, num, same_init=True)
+    params = members.init_members(
+        lambda k: init_cnn(k, channels), key, num, same_init=True
+    )
     x = jax.random.normal(jax.random.key(1), (num, args.batch, 32, 32, 3))
     y = jax.random.randint(jax.random.key(2), (num, args.batch), 0, NUM_CLASSES)
     n_params = sum(a.size for a in jax.tree.leaves(params)) // num

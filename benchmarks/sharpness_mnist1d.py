@@ -14,21 +14,29 @@ Data: MNIST-1D generated locally from the ``mnist1d`` package's templates
 (4000 train / 1000 test sequences of length 40; nothing is downloaded).
 
 Run: ``python benchmarks/sharpness_mnist1d.py`` (about 2 minutes on a 2-core
-CPU).
+CPU); ``--smoke`` for 20 steps and one seed (the same table).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from mnist1d.data import get_dataset_args, make_dataset
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
-import optax_wa
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from mnist1d.data import get_dataset_args, make_dataset  # noqa: E402
+
+import optax_wa  # noqa: E402
 
 LEARNING_RATES = (0.1, 0.5, 1.0, 1.5)
 SEEDS = (0, 1, 2)
@@ -78,7 +86,7 @@ def sgd_ema_momentum(learning_rate, momentum=0.9):
     )
 
 
-def train(options, train_data, test_data, steps):
+def train(options, train_data, test_data, steps, seeds=SEEDS):
     """Final test accuracy, finiteness and median gamma for every (lr, seed)."""
     x_train, y_train = train_data
     x_test, y_test = test_data
@@ -118,7 +126,7 @@ def train(options, train_data, test_data, steps):
 
     grid = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, 0)), in_axes=(0, None)))
     accuracy, finite, gammas = grid(
-        jnp.asarray(LEARNING_RATES, jnp.float32), jnp.asarray(SEEDS)
+        jnp.asarray(LEARNING_RATES, jnp.float32), jnp.asarray(seeds)
     )
     return np.asarray(accuracy), np.asarray(finite), np.asarray(gammas)
 
@@ -128,7 +136,13 @@ def main():
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rho-sam", type=float, default=0.05)
     parser.add_argument("--rho-usam", type=float, default=0.5)
+    parser.add_argument(
+        "--smoke", action="store_true", help="20 steps, one seed, the same table"
+    )
     args = parser.parse_args()
+    seeds = SEEDS
+    if args.smoke:
+        args.steps, seeds = 20, SEEDS[:1]
     methods = {
         "SGD": None,
         "SAM": {"rho": args.rho_sam},
@@ -139,7 +153,7 @@ def main():
     train_data, test_data = load_mnist1d()
     print(
         f"MNIST-1D MLP 40-{WIDTH}-{WIDTH}-10, SGD EMA momentum 0.9, batch {BATCH}, "
-        f"{args.steps} steps, seeds {SEEDS}, rho SAM={args.rho_sam:g}, "
+        f"{args.steps} steps, seeds {seeds}, rho SAM={args.rho_sam:g}, "
         f"rho USAM={args.rho_usam:g}"
     )
     print(
@@ -150,7 +164,9 @@ def main():
     print("-" * len(header))
     start = time.perf_counter()
     for name, options in methods.items():
-        accuracy, finite, gammas = train(options, train_data, test_data, args.steps)
+        accuracy, finite, gammas = train(
+            options, train_data, test_data, args.steps, seeds
+        )
         cells = []
         for i in range(len(LEARNING_RATES)):
             acc = 100.0 * accuracy[i]

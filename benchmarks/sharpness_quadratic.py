@@ -21,7 +21,7 @@ limits:
   2 / lambda_max (a 1-D analysis).
 
 Run: ``python benchmarks/sharpness_quadratic.py`` (about a minute on a 2-core
-CPU).
+CPU); ``--smoke`` for two rhos, a coarse grid and 200 steps (the same table).
 """
 
 from __future__ import annotations
@@ -86,7 +86,14 @@ def main():
     parser.add_argument("--lr-step", type=float, default=0.0005)
     parser.add_argument("--lr-max", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="two rhos, a coarse lr grid, 200 steps; the same table",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rhos, args.lr_step, args.steps = [0.05, 0.5], 0.005, 200
 
     eigenvalues = np.geomspace(0.1, 10.0, 10)
     lam = eigenvalues.max()

@@ -22,12 +22,16 @@ loss's gradient.
 
     python benchmarks/slimclr_mnist1d.py            # 3 seeds (43 min on a loaded 2-core box)
     python benchmarks/slimclr_mnist1d.py --smoke    # tiny settings, same tables
+
+``--smoke``: one seed, one epoch, tiny channels, the methods random, slimclr
+and naive (every code path), compiled without LLVM optimizations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -38,6 +42,11 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations (same results).
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    )
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,6 +59,8 @@ from optax_wa import slimmable as sl  # noqa: E402
 WIDTHS = (1.0, 0.5, 0.25)
 TRAINED = ("slimclr", "no_slow_start", "no_distill", "no_reweight", "naive")
 METHODS = ("random",) + TRAINED
+# --smoke: the code paths of every method (naive turns off all three techniques).
+SMOKE_METHODS = ("random", "slimclr", "naive")
 
 
 def method_config(method: str, seed: int, args):
@@ -107,43 +118,50 @@ def kd_diagnosis(graphdef, params, stats, config, data):
     Var_j(z_w - z_1) per row (the second-order expansion of the KL), whatever
     T. The gradients are taken with respect to the width's embeddings.
     """
-    model = nnx.merge(graphdef, params, stats)
     x = jnp.asarray(data.x_train[: config.batch_size])
     k1, k2 = jax.random.split(jax.random.key(0))
     v1 = input_pipeline.augment(k1, x, data.kind, config.augment)
     v2 = input_pipeline.augment(k2, x, data.kind, config.augment)
 
-    def embed(w):
-        return (
-            model(v1, width=w, use_running_average=False),
-            model(v2, width=w, use_running_average=False),
-        )
+    def ctr(z):
+        return sl.nt_xent(*z, config.temperature)[0]
 
-    _, teacher = sl.nt_xent(*embed(1.0), config.temperature)
+    def distill(z, teacher):
+        _, s = sl.nt_xent(*z, config.temperature)
+        return sl.contrastive_distillation(s, teacher, config.distill_temperature)
+
+    def norm(g):
+        return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g))
+
+    @jax.jit  # one program (op-by-op dispatch of the model is slow)
+    def measures(params, stats):
+        model = nnx.merge(graphdef, params, stats)
+
+        def embed(w):
+            return (
+                model(v1, width=w, use_running_average=False),
+                model(v2, width=w, use_running_average=False),
+            )
+
+        _, teacher = sl.nt_xent(*embed(1.0), config.temperature)
+        out = []
+        for w in WIDTHS[1:]:
+            z = embed(w)
+            _, logits = sl.nt_xent(*z, config.temperature)
+            kd = sl.contrastive_distillation(
+                logits, teacher, config.distill_temperature
+            )
+            grad_kd = norm(jax.grad(distill)(z, teacher))
+            out.append((kd, logits - teacher, grad_kd / norm(jax.grad(ctr)(z))))
+        return out
+
     rows = {}
-    for w in WIDTHS[1:]:
-        z = embed(w)
-        _, logits = sl.nt_xent(*z, config.temperature)
-        kd = float(
-            sl.contrastive_distillation(logits, teacher, config.distill_temperature)
-        )
-        diff = np.asarray(logits - teacher)
+    for w, (kd, diff, ratio) in zip(WIDTHS[1:], measures(params, stats)):
+        diff = np.asarray(diff)
         diff = diff[~np.eye(len(diff), dtype=bool)].reshape(len(diff), -1)
         closed = 0.5 * float(np.mean(np.var(diff, axis=1)))
-
-        def ctr(z):
-            return sl.nt_xent(*z, config.temperature)[0]
-
-        def distill(z):
-            _, s = sl.nt_xent(*z, config.temperature)
-            return sl.contrastive_distillation(s, teacher, config.distill_temperature)
-
-        def norm(g):
-            return float(jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g)))
-
-        ratio = norm(jax.grad(distill)(z)) / norm(jax.grad(ctr)(z))
         spread = float(np.mean(np.std(diff, axis=1)))
-        rows[w] = (kd, closed, spread, ratio)
+        rows[w] = (float(kd), closed, spread, float(ratio))
     return rows
 
 
@@ -169,8 +187,10 @@ def main():
     parser.add_argument("--json", type=str, default=None, help="write raw results here")
     args = parser.parse_args()
     if args.smoke:
-        args.seeds, args.epochs, args.probe_epochs = 2, 2, 2
+        args.seeds, args.epochs, args.probe_epochs = 1, 1, 1
         args.channels = (4, 8, 8)
+    methods = SMOKE_METHODS if args.smoke else METHODS
+    trained = tuple(m for m in TRAINED if m in methods)
 
     # Seeds share every compiled program (the seed only changes array values).
     jax.config.update(
@@ -199,17 +219,17 @@ def main():
         flush=True,
     )
     seeds = list(range(args.seeds))
-    results = {m: [] for m in METHODS}
-    kd_values = {m: [] for m in TRAINED}
+    results = {m: [] for m in methods}
+    kd_values = {m: [] for m in trained}
     diagnosis = []
-    for method in METHODS:
+    for method in methods:
         for seed in seeds:
-            acc, kd, trained = run_one(method, seed, data, args)
+            acc, kd, encoder = run_one(method, seed, data, args)
             results[method].append(acc)
-            if method in TRAINED:
+            if method in trained:
                 kd_values[method].append(kd)
             if method == "slimclr":
-                diagnosis.append(kd_diagnosis(*trained, data))
+                diagnosis.append(kd_diagnosis(*encoder, data))
             print(
                 f"  {method:13s} seed {seed}: "
                 + ", ".join(f"w={w}: {100 * acc[w]:.1f}" for w in WIDTHS),
@@ -219,7 +239,7 @@ def main():
 
     print("\nLinear-probe test accuracy (%), mean +- std over seeds")
     print(f"{'method':>13} | " + " | ".join(f"{'w=' + str(w):>13}" for w in WIDTHS))
-    for m in METHODS:
+    for m in methods:
         cells = []
         for w in WIDTHS:
             a = 100 * np.array([r[w] for r in results[m]])
@@ -229,7 +249,7 @@ def main():
     for ref in ("random", "slimclr"):
         print(f"\nPaired difference method - {ref} (points, mean +- 95% CI half-width)")
         print(f"{'method':>13} | " + " | ".join(f"{'w=' + str(w):>13}" for w in WIDTHS))
-        for m in METHODS:
+        for m in methods:
             if m == ref:
                 continue
             cells = []
@@ -242,7 +262,7 @@ def main():
     print("  (* : the 95% interval excludes 0)")
 
     print("\nDistillation term KD_w in the last epoch (mean over seeds)")
-    for m in TRAINED:
+    for m in trained:
         print(
             f"  {m:13s} "
             + ", ".join(

@@ -31,16 +31,24 @@ Run: ``python benchmarks/wash_accuracy.py`` (about 5 minutes on 2 cores);
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from mnist1d.data import get_dataset_args, make_dataset
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
-import optax_wa
-from optax_wa import members
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from mnist1d.data import get_dataset_args, make_dataset  # noqa: E402
+
+import optax_wa  # noqa: E402
+from optax_wa import members  # noqa: E402
 
 MEMBERS = 4
 SIZES = (40, 128, 128, 10)

@@ -31,11 +31,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,15 +65,14 @@ def first_round_layout(sizes, prob, num_members):
     jobs = [
         shuffling._make_job(i, size, prob, [i], [i]) for i, size in enumerate(sizes)
     ]
-    slots = np.array([job.slots for job in jobs])
-    counts = slots + 1
-    seg = np.repeat(np.arange(len(jobs)), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    local = np.arange(seg.size) - first[seg]
-    exchanged = np.flatnonzero(local < slots[seg])
-    expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
-    capacity = _numerics.count_upper_bound(expected / num_members, int(slots.sum()))
-    return jobs, slots, (seg, first, local), exchanged, capacity
+    layout = shuffling._layout(jobs, num_members)
+    return (
+        jobs,
+        layout.slots,
+        (layout.seg, layout.first, layout.local),
+        layout.exchanged,
+        layout.capacity,
+    )
 
 
 def make_draw(jobs, slots, layout, exchanged, num_members):
@@ -83,6 +89,7 @@ def make_draw(jobs, slots, layout, exchanged, num_members):
             jobs,
             num_members,
             layout,
+            "full",  # wash's default topology
         )
         num_valid = jnp.minimum(drawn.num_valid, counts)
         valid = jnp.asarray(local) < num_valid[seg]

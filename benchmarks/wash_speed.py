@@ -20,7 +20,7 @@ Targets at ``p = 0.01``: update ratio <= 1.5, train-step ratio <= 1.05.
 Timings are medians over interleaved windows of 10 steps.
 
 Run: ``python benchmarks/wash_speed.py [--members 4] [--batch 8] [--repeats 15]``;
-``--smoke``: 2 members, the inner optimizer and WASH at ``p = 0.01`` only,
+``--smoke``: 2 members, ResNet-8 shapes, the inner optimizer and WASH at ``p = 0.01`` only,
 one window of 2 steps, no train step (its columns print ``-``).
 """
 
@@ -28,8 +28,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "--smoke" in sys.argv:
+    # Compiling dominates a smoke run: skip LLVM's optimizations.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -72,7 +79,8 @@ def main():
     if args.smoke:
         m, window, args.batch, args.repeats, args.train_repeats = 2, 2, 1, 1, 1
 
-    shapes = resnet20_shapes()
+    blocks = 1 if args.smoke else 3  # smoke: ResNet-8 shapes
+    shapes = resnet20_shapes(blocks)
     depth_order = [(name,) for name in shapes]  # definition order
     params = members.init_members(
         lambda key: init_params(key, shapes), jax.random.key(0), m
@@ -98,7 +106,7 @@ def main():
         opts = {name: opts[name] for name in (BASE, "wash p=0.01 constant")}
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        f"{m} members x {size:,} values (ResNet-20 shapes); load average "
+        f"{m} members x {size:,} values (ResNet-{6 * blocks + 2} shapes); load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
 

@@ -23,14 +23,18 @@ TIMEOUT_S = 120  # a smoke run takes < 30 s; the margin is for a loaded machine
 
 # The header line of each script's table (a regular expression).
 TABLE_HEADERS = {
-    "averaging_designs": re.escape("| design | update ratio | copies |"),
     "averaging_speed": re.escape("| method | update ms | update ratio |"),
+    "code_measures": r"code lines\s+complexity\s+function",
+    "ensemble_step": re.escape("| contestant | ms per head-step | ratio to "),
+    "per_device_tables": re.escape("| devices | method | arguments KiB |"),
     "sharpness_mnist1d": r"method \| lr=",
     "sharpness_quadratic": r"rho \|\s+GD \|",
     "sharpness_speed": re.escape("median step time"),
     "slimclr_mnist1d": re.escape("Linear-probe test accuracy (%)"),
     "wash_accuracy": re.escape("| init | method | members | logit ensemble |"),
     "wash_comm": re.escape("collective payload per device per step"),
+    "wash_compile": re.escape("| update | trace+lower s | compile s | total s |"),
+    "wash_overflow": r"bytes per device\s+bytes\s+/ all-reduce\s+kinds",
     "wash_speed": re.escape("| method | update ms | update ratio |"),
 }
 
