@@ -53,7 +53,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_wa  # noqa: E402
-from optax_wa import _numerics, members, shuffling  # noqa: E402
+from optax_wa import members, shuffling  # noqa: E402
 from optax_wa.comm import collective_bytes  # noqa: E402
 
 M = 8
