@@ -379,6 +379,20 @@ def test_missing_dataset_names_the_preparation_command(tmp_path):
     assert not (tmp_path / "tfds").exists()  # nothing was downloaded
 
 
+def test_main_names_the_preparation_command_and_exits_2(tmp_path):
+    """An unprepared dataset: one line on stderr naming the command, exit 2."""
+    run = _main(
+        tmp_path / "run",
+        "--config.dataset=cifar10",
+        f"--config.data_dir={tmp_path / 'tfds'}",
+        cache_dir=tmp_path / "cache",
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "tfds build cifar10" in lines[-1]
+    assert "Traceback" not in run.stderr
+
+
 def test_digits_are_load_digits_upscaled_to_32x32x3():
     from sklearn.datasets import load_digits
 

@@ -67,10 +67,9 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     except (FileNotFoundError, NotImplementedError, AssertionError, ValueError) as e:
         raise DatasetNotPreparedError(
             f"dataset {name!r} (split {split!r}) is not prepared for random access"
-            f"{' in ' + data_dir if data_dir else ''}. Prepare it with:\n  "
-            f"{prepare_command(name, data_dir)}\n(original error: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+            f"{' in ' + data_dir if data_dir else ''}; prepare it with: "
+            f"{prepare_command(name, data_dir)}"
+        ) from e  # the original error stays attached as the cause
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,9 @@ processes on one machine, ``--coordinator_address``, ``--num_processes`` and
 (``JAX_PLATFORMS=cpu``, or a launch by hand) exchange their collectives with
 gloo.
 
+A dataset that is not prepared prints one line naming the command that
+prepares it and exits with status 2 (no traceback).
+
 A run that stops on a non-finite loss or state (``FloatingPointError``, see
 :class:`examples.common.trainer.NonFiniteError`) exits with status 1 and its
 message, which names the step, on stderr.
@@ -22,6 +25,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from examples.common.data import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -114,6 +119,9 @@ def run(train_and_evaluate: Callable) -> None:
         )
         try:
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except DatasetNotPreparedError as e:  # one line naming the command: exit 2
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         except FloatingPointError as e:  # a non-finite loss or state: exit 1
             sys.exit(f"error: {e}")
 
