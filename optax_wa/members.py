@@ -268,6 +268,8 @@ def reduced_member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
       Array([2., 4.], dtype=float32)
     """
     require_floating("reduced_member_mean", tree)
+    if axis_name is None:
+        num_members(tree)  # a clear error for a missing or empty member axis
     return jax.tree.map(lambda x: _reduced_mean_leaf(x, axis_name), tree)
 
 
@@ -340,8 +342,12 @@ def member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
 
     Raises:
       TypeError: if a leaf is not floating point.
+      ValueError: in stacked mode, if the member axis is missing, empty or
+        differs between leaves.
     """
     require_floating("member_mean", tree)
+    if axis_name is None:
+        num_members(tree)  # a clear error for a missing or empty member axis
     return jax.tree.map(lambda x: _mean_leaf(x, axis_name).astype(x.dtype), tree)
 
 

@@ -32,6 +32,15 @@ def test_num_members_rejects_size_zero():
         members.num_members({"w": jnp.zeros((0, 2))})
 
 
+@pytest.mark.parametrize(
+    "mean_fn",
+    [members.member_mean, members.average_members, members.reduced_member_mean],
+)
+def test_member_means_reject_an_empty_member_axis(mean_fn):
+    with pytest.raises(ValueError, match="size 0"):
+        mean_fn({"w": jnp.zeros((0, 3))})
+
+
 def test_num_members_rejects_scalar_leaf_and_empty_tree():
     with pytest.raises(ValueError, match="scalar"):
         members.num_members({"w": jnp.zeros((3, 2)), "s": jnp.float32(1.0)})
