@@ -294,9 +294,13 @@ def _weighted(leaves, scales):
 def _perturbed(param_leaves, weighted_grads, scales, grad_norm, rho, eps, o):
     """``w + e`` in the params' dtypes: ``e = rho T (T g) / (|T g| + eps)`` (SAM)
     or ``rho T (T g)`` (USAM), formed in float32."""
-    directions = _weighted(weighted_grads, scales)
     if o.perturbation == "sam":
-        directions = [safe_ratio(d, grad_norm + eps) for d in directions]
+        # T (T g / (|T g| + eps)): divide before the second weighting, so that
+        # T^2 g is never formed (it overflows float32 long before e does).
+        unit = [safe_ratio(d, grad_norm + eps) for d in weighted_grads]
+        directions = _weighted(unit, scales)
+    else:
+        directions = _weighted(weighted_grads, scales)
     return [
         (p.astype(jnp.float32) + rho * d).astype(p.dtype)
         for p, d in zip(param_leaves, directions)

@@ -298,6 +298,48 @@ def test_bf16_values_follow_the_float32_run(case):
     chex.assert_trees_all_close(f32(got), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e19])
+def test_huge_and_tiny_gradients_give_finite_updates(case, scale):
+    """Gradients of 1e19 per element (their float32 squares overflow) and of
+    1e-20 (their squares underflow) never make an update inf or NaN."""
+    opt = _opt(case)
+
+    def grads_fn(step, dtype):
+        return jax.tree.map(lambda g: g * scale, _grads(step, dtype))
+
+    if case is CASES["ssam_asam_capped"] and scale > 1:
+        # USAM-adaptive perturbs by rho T^2 g ~ 1e20 here, so the stable
+        # factor's T' g_adv (T' = |w + e|) is ~1e40 per element: beyond
+        # float32 although the factor itself (~1e-20) is not. Known limit.
+        pytest.xfail("USAM-adaptive: T' g_adv overflows float32 at g ~ 1e19")
+    _, all_updates = _run(opt, case, _params(), num_steps=2, grads_fn=grads_fn)
+    chex.assert_tree_all_finite(all_updates)
+
+
+@pytest.mark.parametrize("start", ["random", "zeros"])
+def test_grad_through_one_update_is_finite(case, start):
+    """``jax.grad`` of a loss of the updated params, through ``update``: finite,
+    also at params = 0 (where a plain norm's square root has an inf slope)."""
+    opt = _opt(case)
+    params = _params()
+    if start == "zeros":
+        params = jax.tree.map(jnp.zeros_like, params)
+    state = opt.init(params)
+
+    def loss(p):
+        updates, _ = opt.update(_grads(0), state, p, **case.extra_args(p))
+        new = optax.apply_updates(p, updates)
+        return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(new))
+
+    if any(case is CASES[name] for name in CASES if name.startswith("wash")):
+        # The exchange runs extra rounds in a data-dependent while loop, which
+        # reverse mode cannot differentiate: a clear JAX error, never NaN.
+        with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+            jax.grad(loss)(params)
+        return
+    chex.assert_tree_all_finite(jax.grad(loss)(params))
+
+
 def test_multisteps_with_repeated_microbatches_equals_plain(case):
     """MultiSteps(k=2) fed each gradient twice equals the plain optimizer."""
     opt = _opt(case)
