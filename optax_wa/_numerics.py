@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,92 @@ def safe_ratio(numerator, denominator):
     scale = jax.lax.stop_gradient(jnp.where(positive, denominator, 1.0))
     ratio = (numerator / scale) / jnp.where(positive, denominator / scale, 1.0)
     return jnp.where(positive, ratio, 0.0)
+
+
+class NormFactors(NamedTuple):
+    r"""The L2 norm of a weighted tree, :math:`\|t \odot x\|_2`, as three factors.
+
+    ``weight_scale * value_scale * root`` with ``weight_scale`` the largest
+    :math:`|t|`, ``value_scale`` the largest :math:`|x|` and ``root`` the
+    scaled norm of :math:`(t / \max|t|) \odot (x / \max|x|)`. The products
+    :math:`t_i x_i` are never formed: they can pass float32's range (1e20
+    times 1e20) while the norm's ratio to another norm does not.
+    """
+
+    weight_scale: jax.Array
+    value_scale: jax.Array
+    root: jax.Array
+
+    def value(self) -> jax.Array:
+        """The norm itself: ``inf`` where it lies beyond float32's range."""
+        w, v, r = self
+        # Multiply the two factors that cannot overflow together first.
+        return jnp.where(w > 1.0, w * (v * r), (w * v) * r)
+
+
+def _max_abs(leaves: Sequence[jax.Array]) -> jax.Array:
+    return jax.lax.stop_gradient(
+        jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+    )
+
+
+def _usable_scale(scale: jax.Array) -> jax.Array:
+    return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+
+
+def weighted_norm_factors(
+    leaves: Sequence[jax.Array], weights: Sequence[jax.Array | None]
+) -> NormFactors:
+    r""":class:`NormFactors` of :math:`\|t \odot x\|_2` over all leaves, in float32.
+
+    ``weights[i]`` multiplies ``leaves[i]`` elementwise; ``None`` stands for
+    a weight of 1. Both scales are held constant under differentiation (the
+    value does not depend on them), so the gradient is that of the norm.
+    """
+    pairs = [
+        (jnp.asarray(x).astype(jnp.float32), t)
+        for x, t in zip(leaves, weights)
+        if jnp.size(x)
+    ]
+    zero = jnp.zeros([], jnp.float32)
+    if not pairs:
+        return NormFactors(jnp.ones([], jnp.float32), zero, zero)
+    weighted = [jnp.asarray(t).astype(jnp.float32) for _, t in pairs if t is not None]
+    weight_scale = _max_abs(
+        weighted + ([jnp.ones([], jnp.float32)] if len(weighted) < len(pairs) else [])
+    )
+    value_scale = _max_abs([x for x, _ in pairs])
+    w, v = _usable_scale(weight_scale), _usable_scale(value_scale)
+    root = global_norm(
+        [
+            (x / v) / w if t is None else (t.astype(jnp.float32) / w) * (x / v)
+            for x, t in pairs
+        ]
+    )
+    return NormFactors(w, v, root)
+
+
+def ratio_to_norm(numerator, norm: NormFactors, eps) -> jax.Array:
+    r"""``numerator / (norm + eps)``: 0 where that denominator is 0, and
+    finite where the norm passes float32's range although the ratio does not.
+
+    There ``eps`` is negligible and the numerator is divided by the factors
+    one at a time, the larger scale first (each factor is below 3.4e38 and
+    the two scales' product above about 1e34 there): the quotient never overflows, and
+    it underflows to 0 only where the exact ratio lies below float32's range.
+    Both branches see a denominator of 1 where they are not taken, so that
+    neither the value nor the gradient of the unused one is NaN.
+    """
+    denominator = norm.value() + eps
+    overflow = jnp.isinf(denominator)
+    plain = safe_ratio(numerator, jnp.where(overflow, 1.0, denominator))
+    w, v, r = (jnp.where(overflow, f, 1.0) for f in norm)
+    # The barriers keep XLA from rewriting a / b / c as a / (b * c), which
+    # would form the overflowing product again.
+    chained = jax.lax.optimization_barrier(numerator / jnp.maximum(w, v))
+    chained = jax.lax.optimization_barrier(chained / jnp.minimum(w, v))
+    chained = chained / jnp.where(r > 0, r, 1.0)
+    return jnp.where(overflow, chained, plain)
 
 
 EXCHANGE_TAIL = 1e-9

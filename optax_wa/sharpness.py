@@ -24,7 +24,13 @@ import numpy as np
 import optax
 
 from optax_wa._checks import is_concrete_number, is_traced
-from optax_wa._numerics import global_norm, safe_ratio
+from optax_wa._numerics import (
+    NormFactors,
+    global_norm,
+    ratio_to_norm,
+    safe_ratio,
+    weighted_norm_factors,
+)
 
 __all__ = [
     "SamInfo",
@@ -54,7 +60,9 @@ class SamInfo(NamedTuple):
         \\text{eps})`, capped at ``max_scale`` when given. Reported for every
         variant; it scales the descent gradient only when ``stable=True``.
       grad_norm: :math:`\\|g\\|`, the norm of the clean (ascent) gradient.
-      adv_grad_norm: :math:`\\|g_{adv}\\|`, the norm of the perturbed gradient.
+      adv_grad_norm: :math:`\\|g_{adv}\\|`, the norm of the perturbed gradient;
+        ``inf`` where it lies beyond float32's range (``gamma`` is then
+        still the finite ratio, computed without forming the norm).
       adv_loss: the loss at the perturbed params; ``None`` in the state of
         :func:`sharpness_aware`, whose ``grad_fn`` returns no loss.
     """
@@ -322,9 +330,20 @@ def _gradient_at(adv_grad_fn, adv_leaves, treedef, o):
     return adv_grad_leaves, adv_loss
 
 
-def _gamma(grad_norm, adv_grad_norm, eps, max_scale):
+def _norm_factors(leaves, scales) -> NormFactors:
+    """``|T g|`` as :class:`~optax_wa._numerics.NormFactors`. Where ``T`` is a
+    weight the products ``T g`` are not formed: ``|T' g_adv|`` can pass
+    float32's range (USAM-adaptive at large gradients) while the stable
+    factor ``|T g| / |T' g_adv|`` does not."""
+    if all(t is None for t in scales):
+        one = jnp.ones([], jnp.float32)
+        return NormFactors(one, global_norm(leaves), one)
+    return weighted_norm_factors(leaves, scales)
+
+
+def _gamma(grad_norm, adv_norm: NormFactors, eps, max_scale):
     """``|T g| / (|T' g_adv| + eps)``, capped at ``max_scale`` (clipped at 0)."""
-    gamma = safe_ratio(grad_norm, adv_grad_norm + eps)
+    gamma = ratio_to_norm(grad_norm, adv_norm, eps)
     if max_scale is not None:
         gamma = jnp.minimum(
             gamma, jnp.maximum(jnp.asarray(max_scale, jnp.float32), 0.0)
@@ -367,13 +386,16 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     # released code takes it before restoring w; or T at the clean params.
     if o.adv_norm_weight == "perturbed":
         scales = _weights(adv_leaves, flags, eta)
-    adv_grad_norm = global_norm(_weighted(adv_grad_leaves, scales))
-    gamma = _gamma(grad_norm, adv_grad_norm, eps, o.max_scale)
+    adv_norm = _norm_factors(adv_grad_leaves, scales)
+    gamma = _gamma(grad_norm, adv_norm, eps, o.max_scale)
     descent_leaves = (
         [gamma * g for g in adv_grad_leaves] if o.stable else adv_grad_leaves
     )
     info = SamInfo(
-        gamma=gamma, grad_norm=grad_norm, adv_grad_norm=adv_grad_norm, adv_loss=adv_loss
+        gamma=gamma,
+        grad_norm=grad_norm,
+        adv_grad_norm=adv_norm.value(),
+        adv_loss=adv_loss,
     )
     if o.axis_name is not None and not o.sync_ascent:
         descent_leaves, info = jax.lax.pmean((descent_leaves, info), o.axis_name)

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from optax_wa import slimmable as sl
-from optax_wa._numerics import global_norm, safe_ratio
+from optax_wa._numerics import (
+    global_norm,
+    ratio_to_norm,
+    safe_ratio,
+    weighted_norm_factors,
+)
 
 _BASE = [np.array([[1.5, -0.25], [3.0, 0.5]]), np.array([-2.0, 0.75, 1.0])]
 
@@ -86,3 +91,59 @@ def test_slimmable_grad_stats_ratio_at_extreme_scales(scale, dtype):
     ratio = lambda x: stats.update({"w": x}, stats.init({"w": x}))[1].mean_ratio
     chex.assert_tree_all_finite(jax.grad(ratio)(grads["w"].astype(jnp.float32)))
     chex.assert_tree_all_finite(jax.grad(ratio)(jnp.zeros(4)))
+
+
+_T = [np.array([[0.5, 2.0], [1.0, 0.25]]), None]
+
+
+@pytest.mark.parametrize(
+    "t_scale, x_scale", [(1.0, 1.0), (1e20, 1e20), (1e-20, 1e-20), (1e30, 1e-25)]
+)
+def test_weighted_norm_factors_match_float64(t_scale, x_scale):
+    # The products t * x (up to 1e40 or 1e-40) leave float32's range; their
+    # norm's factors do not, and their product is the float64 norm (or inf
+    # where that norm itself is beyond float32).
+    x = [jnp.asarray(x_scale * b, jnp.float32) for b in _BASE]
+    t = [None if w is None else jnp.asarray(t_scale * w, jnp.float32) for w in _T]
+    factors = jax.jit(weighted_norm_factors)(x, t)
+    ones = [np.ones_like(b) if w is None else _as64(w) for b, w in zip(_BASE, t)]
+    expected = np.sqrt(sum(np.sum((w * _as64(v)) ** 2) for w, v in zip(ones, x)))
+    product = np.prod([np.float64(f) for f in factors])
+    np.testing.assert_allclose(product, expected, rtol=1e-6)
+    value = factors.value()
+    if expected > np.finfo(np.float32).max:
+        assert np.isinf(value)
+    elif expected > np.finfo(np.float32).tiny:
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # A ratio to the norm is finite and right wherever it fits float32.
+    num = jnp.float32(3.0)
+    ratio = jax.jit(ratio_to_norm)(num, factors, 1e-12)
+    assert np.isfinite(ratio)
+    want = 3.0 / (expected + 1e-12)
+    if want > np.finfo(np.float32).tiny:
+        np.testing.assert_allclose(ratio, want, rtol=1e-6)
+
+
+def test_weighted_norm_factors_without_weights_equal_global_norm():
+    x = [jnp.asarray(1e19 * b, jnp.float32) for b in _BASE]
+    factors = weighted_norm_factors(x, [None, None])
+    assert factors.value() == global_norm(x)  # bitwise: the same arithmetic
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 1e20])
+def test_ratio_to_norm_gradient_is_finite(scale):
+    # At 0 (denominator eps), at 1, and where the norm overflows float32.
+    t = jnp.asarray(scale * np.array([1.0, 2.0, 0.5]), jnp.float32)
+
+    def f(x, n):
+        return ratio_to_norm(n, weighted_norm_factors([x], [t]), 1e-12)
+
+    x = jnp.asarray(scale * np.array([0.5, -1.0, 3.0]), jnp.float32)
+    grads = jax.jit(jax.grad(f, argnums=(0, 1)))(x, jnp.float32(2.0))
+    chex.assert_tree_all_finite(grads)
+    if scale == 1.0:
+        # d/dx (n / |t x|) = -n t^2 x / |t x|^3, d/dn = 1 / |t x|.
+        t64, x64 = _as64(t), _as64(x)
+        norm = np.linalg.norm(t64 * x64)
+        np.testing.assert_allclose(grads[0], -2.0 * t64**2 * x64 / norm**3, rtol=1e-5)
+        np.testing.assert_allclose(grads[1], 1.0 / norm, rtol=1e-6)

@@ -780,6 +780,31 @@ def test_extreme_gradients_match_float64_reference(variant, scale, dtype):
         np.testing.assert_allclose(info.gamma, gamma, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e12, 1e15])
+def test_usam_adaptive_stable_factor_where_the_adv_norm_overflows(scale):
+    # USAM-adaptive with a fixed rho: e = rho T^2 g ~ scale moves w to about
+    # `scale`, so T' g_adv ~ scale^3 per element (1e37 to 1e46): the norm
+    # |T' g_adv| passes float32's range, gamma ~ 1 / scale^2 and the stable
+    # descent gamma g_adv (about 1) do not.
+    options, rho = _SCALE_VARIANTS["ssam_usam_adaptive"], 0.5
+    grad = lambda ws: [scale * _H4 * ws[0]]
+    ref, gamma, grad_norm, adv_norm = np_released_step(
+        grad, [_W4], rho, "usam", True, True
+    )
+    assert adv_norm > 1e36  # its plain float32 sum of squares overflows
+    loss = _scaled_quadratic(scale)
+    w = jnp.asarray(_W4, jnp.float32)
+    _, descent, info = _oracle(loss, rho=rho, **options)(w)
+    chex.assert_tree_all_finite((descent, info.gamma))
+    np.testing.assert_allclose(descent, ref[0], rtol=1e-5)
+    np.testing.assert_allclose(info.gamma, gamma, rtol=1e-5)
+    np.testing.assert_allclose(info.grad_norm, grad_norm, rtol=1e-5)
+    if adv_norm > np.finfo(np.float32).max:
+        assert np.isinf(info.adv_grad_norm)
+    else:
+        np.testing.assert_allclose(info.adv_grad_norm, adv_norm, rtol=1e-5)
+
+
 _GRAD_VARIANTS = {**_SCALE_VARIANTS, "usam": {"perturbation": "usam"}}
 
 
