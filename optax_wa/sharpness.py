@@ -241,9 +241,12 @@ def _as_varying(tree, axis_name):
     gradient, which the per-device ascent needs. Outside ``shard_map`` (pmap,
     ``vmap`` with an axis name) gradients are local already.
     """
-    pcast = getattr(jax.lax, "pcast", None)
-    if axis_name is None or pcast is None:  # JAX without varying-axis types
+    if axis_name is None:
         return tree
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is None:  # jax < 0.9: the same marking is called pvary
+        pvary = jax.lax.pvary
+        pcast = lambda x, names, to: pvary(x, names)  # noqa: E731
     names = _axis_names(axis_name)
 
     def one(x):

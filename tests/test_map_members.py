@@ -14,6 +14,9 @@ from optax_wa.comm import collective_bytes
 MODES = ("vmap", "sequential", "auto")
 M = 4
 
+# Explicit axes: jax.make_mesh's default in jax 0.10, not in jax 0.8.
+EXPLICIT = (jax.sharding.AxisType.Explicit,)
+
 
 def _close(a, b, tol=1e-6):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -184,7 +187,7 @@ def test_sharded_member_axis_each_device_maps_its_own(mode):
     y = jax.random.randint(jax.random.key(2), (n, 6), 0, 3)
     fn = jax.grad(_mlp_loss)
     want = jax.vmap(fn)(params, x, y)
-    mesh = jax.make_mesh((jax.device_count(),), ("members",))
+    mesh = jax.make_mesh((jax.device_count(),), ("members",), axis_types=EXPLICIT)
     with jax.set_mesh(mesh):
         ps, xs, ys = members.shard_members((params, x, y), mesh)
         step = jax.jit(members.map_members(fn, mode=mode))
@@ -214,7 +217,7 @@ def test_sharded_convolution(mode):
     fn = jax.grad(lambda k, x: jnp.tanh(conv(x, k)).sum())
     # one plain convolution per member: what each device runs for its member
     want = jnp.stack([fn(k[m], x[m]) for m in range(n)])
-    mesh = jax.make_mesh((n,), ("members",))
+    mesh = jax.make_mesh((n,), ("members",), axis_types=EXPLICIT)
     with jax.set_mesh(mesh):
         ks, xs = members.shard_members((k, x), mesh)
         with pytest.raises(Exception, match="reshape"):
@@ -230,7 +233,7 @@ def test_plain_loop_over_sharded_axis_is_refused():
     explicitly split member axis does not compile."""
     n = jax.device_count()
     w = jnp.ones((n, 3))
-    mesh = jax.make_mesh((n,), ("members",))
+    mesh = jax.make_mesh((n,), ("members",), axis_types=EXPLICIT)
     with jax.set_mesh(mesh):
         ws = members.shard_members(w, mesh)
         with pytest.raises(ValueError, match="replicated"):

@@ -28,6 +28,14 @@ import optax_wa
 BATCH = 16
 
 
+def _varying(tree, axis):
+    """``tree`` marked as varying over ``axis`` (``pcast`` from jax 0.9 on,
+    ``pvary`` before)."""
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(tree, axis, to="varying")
+    return jax.lax.pvary(tree, axis)
+
+
 def _mlp_loss(params, x, y):
     h = jnp.tanh(x @ params["w"] + params["b"])
     return jnp.mean((h @ params["v"] - y) ** 2)
@@ -105,7 +113,7 @@ def test_data_parallel_wrapper_matches_oracle():
     def wrapper_step(params, x, y):
         # The device's own gradient: differentiate at a copy marked as varying
         # (at the replicated params, shard_map would sum it over devices).
-        local_params = jax.lax.pcast(params, "data", to="varying")
+        local_params = _varying(params, "data")
         grads = jax.grad(_mlp_loss)(local_params, x, y)
         updates, state = opt.update(
             grads,
@@ -163,7 +171,7 @@ def test_batch_stats_come_from_the_clean_pass():
     np.testing.assert_allclose(loss, clean_loss, rtol=1e-6)
     # The perturbed pass would have given other statistics.
     g = jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0])(params)
-    norm = optax.tree.norm(g)
+    norm = optax.tree_utils.tree_l2_norm(g)
     adv = jax.tree.map(lambda p, gi: p + 0.5 * gi / norm, params, g)
     _, adv_stats = loss_fn(adv, batch_stats, x, y)
     assert not np.allclose(
