@@ -122,7 +122,7 @@ def sync_schedule(
     return lambda count: (jnp.asarray(count) - 1) % steps_per_epoch % period == 0
 
 
-def is_sync_step(sync: SyncSchedule, count) -> jax.Array:
+def is_sync_step(sync: SyncSchedule, count: jax.typing.ArrayLike) -> jax.Array:
     """Whether the update that brought the update count to ``count`` syncs.
 
     The one definition :func:`lookaround` and :func:`papa` use: call it with
@@ -151,7 +151,9 @@ def _alpha_at(alpha, count) -> jax.Array:
     return jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
 
 
-def sync_weight(alpha, sync: SyncSchedule, count) -> jax.Array:
+def sync_weight(
+    alpha: optax.ScalarOrSchedule, sync: SyncSchedule, count: jax.typing.ArrayLike
+) -> jax.Array:
     r"""The weight each member keeps on its own state after update ``count``.
 
     ``alpha_t`` at a sync step (as :func:`papa` pulls:

@@ -306,7 +306,7 @@ def average_members(tree: PyTree, axis_name: str | None = None) -> PyTree:
 
 def broadcast_to_members(
     mean: jax.Array, like: jax.Array, axis_name: str | None = None
-):
+) -> jax.Array:
     """Broadcasts a reduced member mean back over ``like``'s member axis.
 
     Identity in named mode. Keeps ``like``'s split of the member axis under an
@@ -351,7 +351,7 @@ def member_mean(tree: PyTree, axis_name: str | None = None) -> PyTree:
     return jax.tree.map(lambda x: _mean_leaf(x, axis_name).astype(x.dtype), tree)
 
 
-def interpolate(a: PyTree, b: PyTree, alpha) -> PyTree:
+def interpolate(a: PyTree, b: PyTree, alpha: jax.typing.ArrayLike) -> PyTree:
     """``alpha * a + (1 - alpha) * b`` leafwise, in float32, cast to ``a``'s dtypes.
 
     The building block of exponential moving averages (``a`` the average, ``b``
@@ -366,7 +366,9 @@ def interpolate(a: PyTree, b: PyTree, alpha) -> PyTree:
     return jax.tree.map(one, a, b)
 
 
-def pull_to_mean(tree: PyTree, alpha, axis_name: str | None = None) -> PyTree:
+def pull_to_mean(
+    tree: PyTree, alpha: jax.typing.ArrayLike, axis_name: str | None = None
+) -> PyTree:
     r"""Pulls every member toward the member mean.
 
     .. math::

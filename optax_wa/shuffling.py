@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -189,8 +189,8 @@ def wash_layer_probs(
     params: PyTree,
     *,
     shuffle_prob: float = 0.01,
-    layer_probs=None,
-    depth_order=None,
+    layer_probs: str | Callable[..., float] | PyTree | None = None,
+    depth_order: Sequence[str | Sequence[Any]] | Callable[..., Any] | None = None,
     stacked: bool = True,
 ) -> PyTree:
     r"""The shuffle probability of every tensor, as :func:`wash` uses it.
@@ -304,7 +304,9 @@ def _first_reads(jaxpr, names, clock, first):
         clock[0] += 1
 
 
-def execution_depth_order(fn, params, *args, **kwargs):
+def execution_depth_order(
+    fn: Callable[..., Any], params: PyTree, *args: Any, **kwargs: Any
+) -> Callable[[tuple[Any, ...], Any], int]:
     """The depth of every tensor from a forward pass: the order of first use.
 
     Traces ``fn(params, *args, **kwargs)`` (abstractly: any arrays or
@@ -715,7 +717,7 @@ def _member_count(tree, axis_name) -> int:
 def shuffle_coordinates(
     tree: PyTree,
     key: jax.Array,
-    probs,
+    probs: float | PyTree,
     *,
     topology: str = "full",
     quantize: str | None = None,
@@ -906,8 +908,8 @@ def wash(
     topology: str = "full",
     prob_counts: str = "selections",
     quantize: str | None = None,
-    layer_probs=None,
-    depth_order=None,
+    layer_probs: str | Callable[..., float] | PyTree | None = None,
+    depth_order: Sequence[str | Sequence[Any]] | Callable[..., Any] | None = None,
     shuffle_opt_state: bool = False,
     seed: int = 0,
     axis_name: str | tuple[str, ...] | None = None,

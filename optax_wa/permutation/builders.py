@@ -10,13 +10,16 @@ get groups named after the layer that writes them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
 
 from optax_wa.permutation._axes import SubAxes, join, named_leaves, path_str
 from optax_wa.permutation.spec import PermutationSpec, validate
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 __all__ = ["conv_spec", "mlp_spec", "resnet_spec", "vit_block_spec"]
 
@@ -255,7 +258,11 @@ def _layer_list(
     return layers
 
 
-def mlp_spec(model, *, layers: Sequence[str] | None = None) -> PermutationSpec:
+def mlp_spec(
+    model: nnx.Module | nnx.State | Mapping[str, Any],
+    *,
+    layers: Sequence[str] | None = None,
+) -> PermutationSpec:
     """Spec of an MLP: a chain of ``nnx.Linear`` (and optional norm) layers.
 
     Each hidden layer's output units form one group named after the layer's
@@ -287,7 +294,11 @@ def mlp_spec(model, *, layers: Sequence[str] | None = None) -> PermutationSpec:
     return builder.build()
 
 
-def conv_spec(model, *, layers: Sequence[str] | None = None) -> PermutationSpec:
+def conv_spec(
+    model: nnx.Module | nnx.State | Mapping[str, Any],
+    *,
+    layers: Sequence[str] | None = None,
+) -> PermutationSpec:
     """Spec of a conv stack: ``nnx.Conv`` (+ norm) layers, then dense layers.
 
     Channels of each hidden conv and units of each hidden dense layer form a
@@ -318,7 +329,7 @@ def _paths(x, what: str) -> list[str]:
 
 
 def resnet_spec(
-    model,
+    model: nnx.Module | nnx.State | Mapping[str, Any],
     *,
     stem: Sequence[str],
     stages: Sequence[str | Sequence[str]],
@@ -404,7 +415,7 @@ def _first(name: str):
 
 
 def vit_block_spec(
-    model,
+    model: nnx.Module | nnx.State | Mapping[str, Any],
     *,
     blocks: str | Sequence[str] | None = None,
     attention: str = "attention",

@@ -170,7 +170,7 @@ class SlimmableLinear(_PrefixSliced):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.in_features = in_features
         self.out_features = out_features
         self.slice_input = slice_input
@@ -265,7 +265,7 @@ class SlimmableConv(_PrefixSliced):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         if isinstance(kernel_size, int):
             kernel_size = (kernel_size,)
         kernel_size = tuple(kernel_size)
@@ -392,7 +392,7 @@ class SwitchableBatchNorm(_Switchable):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.widths = validate_widths(widths)
         self.num_features = num_features
         self.sliced = sliced
@@ -507,7 +507,7 @@ class SwitchableLayerNorm(_Switchable):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.widths = validate_widths(widths)
         self.num_features = num_features
         self.sliced = sliced
@@ -575,7 +575,7 @@ class SwitchableLinear(_Switchable):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.widths = validate_widths(widths)
         self.in_features = in_features
         self.out_features = out_features

@@ -18,6 +18,7 @@ default, SimCLR's ``Linear -> BN -> ReLU -> Linear -> BN`` with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ class SlimmableProjectionHead(nnx.Module):
         slice_input: bool = True,
         kind: str = "mocov2",
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         if kind not in _HEADS:
             raise ValueError(f"kind must be one of {sorted(_HEADS)}, got {kind!r}.")
         self.kind = kind
@@ -144,7 +145,9 @@ class SlimmableProjectionHead(nnx.Module):
                 rngs=rngs,
             )
 
-    def __call__(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def __call__(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         h = self.fc1(x, width)
         if self.norm is not None:
             h = self.norm(h, width, use_running_average)
@@ -170,10 +173,14 @@ class _Encoder(nnx.Module):
             else self.num_features
         )
 
-    def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def features(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         raise NotImplementedError
 
-    def __call__(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def __call__(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         h = self.features(x, width, use_running_average)
         if self.head is None:
             return h
@@ -246,7 +253,7 @@ class SlimmableMLP(_Encoder):
         head_hidden: int | None = None,
         head_type: str = "mocov2",
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.widths = validate_widths(widths)
         sizes = (in_features, *hidden_features)
         self.blocks = nnx.List(
@@ -260,7 +267,9 @@ class SlimmableMLP(_Encoder):
         self.num_features = sizes[-1]
         self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
-    def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def features(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         for block in self.blocks:
             x = block(x, width, use_running_average)
         return x
@@ -335,7 +344,7 @@ class SlimmableCNN1D(_Encoder):
         head_hidden: int | None = None,
         head_type: str = "mocov2",
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.widths = validate_widths(widths)
         if strides is None:
             strides = (1,) + (2,) * (len(channels) - 1)
@@ -362,7 +371,9 @@ class SlimmableCNN1D(_Encoder):
         self.num_features = sizes[-1]
         self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
-    def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def features(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         if x.ndim == 2:
             x = x[..., None]
         for block in self.blocks:
@@ -375,7 +386,15 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_features, features, stride, widths, *, rngs):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        stride: int | Sequence[int],
+        widths: Sequence[float],
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
         self.conv1 = SlimmableConv(
@@ -392,7 +411,9 @@ class BasicBlock(nnx.Module):
         else:
             self.proj = self.proj_bn = nnx.data(None)
 
-    def __call__(self, x, width, use_running_average):
+    def __call__(
+        self, x: Array, width: float, use_running_average: bool | None
+    ) -> Array:
         y = jax.nn.relu(self.bn1(self.conv1(x, width), width, use_running_average))
         y = self.bn2(self.conv2(y, width), width, use_running_average)
         if self.proj is not None:
@@ -405,7 +426,15 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_features, features, stride, widths, *, rngs):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        stride: int | Sequence[int],
+        widths: Sequence[float],
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
         out = features * self.expansion
         conv = dict(use_bias=False, kernel_init=_conv_init, rngs=rngs)
         self.conv1 = SlimmableConv(in_features, features, (1, 1), padding=0, **conv)
@@ -424,7 +453,9 @@ class Bottleneck(nnx.Module):
         else:
             self.proj = self.proj_bn = nnx.data(None)
 
-    def __call__(self, x, width, use_running_average):
+    def __call__(
+        self, x: Array, width: float, use_running_average: bool | None
+    ) -> Array:
         y = jax.nn.relu(self.bn1(self.conv1(x, width), width, use_running_average))
         y = jax.nn.relu(self.bn2(self.conv2(y, width), width, use_running_average))
         y = self.bn3(self.conv3(y, width), width, use_running_average)
@@ -479,7 +510,7 @@ class SlimmableResNet(_Encoder):
         head_hidden: int | None = None,
         head_type: str = "mocov2",
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         if block not in _BLOCKS:
             raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}.")
         if stem not in ("cifar", "imagenet"):
@@ -525,7 +556,9 @@ class SlimmableResNet(_Encoder):
         self.num_features = in_features
         self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
-    def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def features(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         x = jax.nn.relu(
             self.bn_stem(self.conv_stem(x, width), width, use_running_average)
         )
@@ -541,7 +574,7 @@ def slimmable_resnet18_cifar(
     *,
     projection_dim: int | None = 128,
     rngs: nnx.Rngs,
-    **kwargs,
+    **kwargs: Any,
 ) -> SlimmableResNet:
     """ResNet-18 with the CIFAR stem (3x3 conv, no pooling), 512 features.
 
@@ -569,7 +602,7 @@ def slimmable_resnet50(
     *,
     projection_dim: int | None = 128,
     rngs: nnx.Rngs,
-    **kwargs,
+    **kwargs: Any,
 ) -> SlimmableResNet:
     """ResNet-50 with the ImageNet stem, 2048 features (SlimCLR's backbone).
 
@@ -624,8 +657,13 @@ class SlimmableAttention(nnx.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int, *, head_dim: int | None = None, rngs
-    ):
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
         head_dim = head_dim or embed_dim // num_heads
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -646,7 +684,7 @@ class SlimmableAttention(nnx.Module):
         )
         self.out_bias = nnx.Param(jnp.zeros((embed_dim,)))
 
-    def __call__(self, x, width: float = 1.0):
+    def __call__(self, x: Array, width: float = 1.0) -> Array:
         h = slim_size(self.num_heads, width)
 
         def project(kernel, bias):
@@ -732,7 +770,7 @@ class SlimmableViT(_Encoder):
         head_hidden: int | None = None,
         head_type: str = "mocov2",
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         if image_size % patch_size:
             raise ValueError(
                 f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})."
@@ -770,7 +808,9 @@ class SlimmableViT(_Encoder):
         self.num_features = embed_dim
         self.head = self._make_head(projection_dim, head_hidden, head_type, rngs)
 
-    def features(self, x, width: float = 1.0, use_running_average: bool | None = None):
+    def features(
+        self, x: Array, width: float = 1.0, use_running_average: bool | None = None
+    ) -> Array:
         del use_running_average  # no batch statistics in the backbone
         x = self.patch_embed(x, width)
         b = x.shape[0]

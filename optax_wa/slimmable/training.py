@@ -571,7 +571,9 @@ def slimmable_grad_stats(
 # Momentum (key) encoder and queue
 
 
-def update_key_encoder(key_params: PyTree, params: PyTree, momentum) -> PyTree:
+def update_key_encoder(
+    key_params: PyTree, params: PyTree, momentum: jax.typing.ArrayLike
+) -> PyTree:
     r"""MoCo's momentum update of the key encoder, on the library's averaging.
 
     .. math::
@@ -598,7 +600,9 @@ def update_key_encoder(key_params: PyTree, params: PyTree, momentum) -> PyTree:
     return members.interpolate(key_params, params, momentum)
 
 
-def moco_momentum(step, total_steps: int, base_momentum: float = 0.99) -> jax.Array:
+def moco_momentum(
+    step: jax.typing.ArrayLike, total_steps: int, base_momentum: float = 0.99
+) -> jax.Array:
     r"""MoCo v3's cosine schedule of the key-encoder momentum.
 
     .. math::
