@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # the examples are not part of the installed pack
 
 from examples.cifar import train  # noqa: E402
 from examples.cifar.configs import tiny  # noqa: E402
-from examples.common import data  # noqa: E402
+from examples.trainer import data  # noqa: E402
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 300  # per launch of the processes
