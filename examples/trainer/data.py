@@ -86,7 +86,8 @@ def mock_data(config, policy: str = "auto") -> contextlib.AbstractContextManager
     dataset's features (images of its shapes, labels in range), offline, in
     each split ``max(16, config.batch_size)`` records: enough for a tiny
     config's run, evaluation and recalibration. Learning on them is noise:
-    it checks that a config runs, not what it reaches.
+    it checks that a config runs, not what it reaches. The patch lives in
+    this process, so the training loader runs without grain workers then.
 
     Args:
       config: the trainer config (``config.mock_data``, ``config.batch_size``).

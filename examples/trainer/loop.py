@@ -603,7 +603,8 @@ def make_train_iterator(config, task: Task, num_members: int) -> Iterator:
         transforms,
         global_batch=config.batch_size,
         seed=config.seed,
-        worker_count=config.worker_count,
+        # Mock records come from a patch of this process's tfds: no workers.
+        worker_count=0 if config.get("mock_data") else config.worker_count,
     )
     return iter(loader)
 
