@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # mnist1d_setup; examples.trainer
 
 import mnist1d_setup as setup  # noqa: E402
 
-import optax_wa  # noqa: E402
+from examples.trainer import methods  # noqa: E402
 from optax_wa import members  # noqa: E402
 
 
@@ -91,71 +92,43 @@ step time      time of one training step (all members) relative to sgd: median
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """How a method trains the stacked ensemble.
+    """One compared method: a name of the method registry and its settings.
 
-    ``optimizer(inner)`` wraps the per-member SGD; ``grad_oracle(loss_fn)``
-    (optional) replaces ``jax.grad`` for one member (SAM family);
-    ``same_init`` starts every member from one point (Lookaround's rule),
-    otherwise each member has its own initialization.
+    The optimizer around the per-member SGD and the gradient oracle are built
+    by :mod:`examples.trainer.methods` from the name (``"lookaround+ssam"``:
+    averaging ``lookaround``, sharpness ``ssam``), with ``averaging`` as the
+    averaging method's options (``cfg -> dict``); members start from one point
+    where the registry says so (Lookaround, WASH), else each from its own key.
     """
 
     description: str
-    optimizer: Callable[
-        [optax.GradientTransformation, Config], optax.GradientTransformation
-    ]
-    grad_oracle: Callable[[Callable, Config], Callable] | None = None
-    same_init: bool = False
+    averaging: Callable[[Config], dict] = lambda cfg: {}
 
+
+LOOKAROUND = lambda cfg: {"sync_period": 5}
 
 METHODS: dict[str, Method] = {
-    "sgd": Method(
-        "independent members (SGD momentum)",
-        lambda inner, cfg: members.per_member(inner),
-    ),
-    "lookaround": Method(
-        "Lookaround, sync every 5 steps",
-        lambda inner, cfg: optax_wa.lookaround(inner, sync_period=5),
-        same_init=True,
-    ),
+    "sgd": Method("independent members (SGD momentum)"),
+    "lookaround": Method("Lookaround, sync every 5 steps", LOOKAROUND),
     "papa": Method(
-        "PAPA, alpha 0.99 every 10 steps",
-        lambda inner, cfg: optax_wa.papa(inner, alpha=0.99, period=10),
+        "PAPA, alpha 0.99 every 10 steps", lambda cfg: {"alpha": 0.99, "period": 10}
     ),
     "wash": Method(
         "WASH, p 0.01 linear in depth, optimizer state shuffled too",
-        lambda inner, cfg: optax_wa.wash(
-            inner,
-            shuffle_prob=cfg.shuffle_prob,
-            layer_probs="linear",
-            depth_order=["conv1", "conv2", "conv3", "head"],
-            shuffle_opt_state=True,
-            seed=cfg.seed,
-        ),
-        same_init=True,
+        lambda cfg: {
+            "shuffle_prob": cfg.shuffle_prob,
+            "layer_probs": "linear",
+            "depth_order": ["conv1", "conv2", "conv3", "head"],
+            "shuffle_opt_state": True,
+            "seed": cfg.seed,
+        },
     ),
-    "sam": Method(
-        "independent members, SAM gradients (rho 0.05)",
-        lambda inner, cfg: members.per_member(inner),
-        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=False),
-    ),
-    "ssam": Method(
-        "independent members, Stable SAM gradients (rho 0.05)",
-        lambda inner, cfg: members.per_member(inner),
-        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=True),
-    ),
+    "sam": Method("independent members, SAM gradients (rho 0.05)"),
+    "ssam": Method("independent members, Stable SAM gradients (rho 0.05)"),
     "lookaround+ssam": Method(
-        "Lookaround whose members descend with Stable SAM gradients",
-        lambda inner, cfg: optax_wa.lookaround(inner, sync_period=5),
-        grad_oracle=lambda loss_fn, cfg: _sam_grad(loss_fn, cfg, stable=True),
-        same_init=True,
+        "Lookaround whose members descend with Stable SAM gradients", LOOKAROUND
     ),
 }
-
-
-def _sam_grad(loss_fn, cfg: Config, stable: bool):
-    """One member's SAM / Stable SAM descent gradient on its own batch."""
-    oracle = optax_wa.sam_value_and_grad(loss_fn, rho=cfg.rho, stable=stable)
-    return lambda params, x, y: oracle(params, x, y)[1]
 
 
 def inner_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -168,21 +141,25 @@ def inner_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def train(name: str, cfg: Config, data: dict, progress: bool = True) -> dict:
     """Trains one method; returns its final metrics, curve and step time."""
-    method = METHODS[name]
+    method, parsed = METHODS[name], methods.parse_method(name)
     init_fn, apply_fn = setup.make_model(cfg.channels)
     params = members.init_members(
-        init_fn, jax.random.key(cfg.seed), cfg.members, same_init=method.same_init
+        init_fn,
+        jax.random.key(cfg.seed),
+        cfg.members,
+        same_init=methods.default_same_init(parsed),
     )
-    opt = method.optimizer(inner_optimizer(cfg), cfg)
+    opt = methods.ensemble_optimizer(
+        parsed.averaging, inner_optimizer(cfg), **method.averaging(cfg)
+    )
     state = opt.init(params)
 
     def loss_fn(p, x, y):
         return setup.cross_entropy(apply_fn(p, x), y)
 
-    if method.grad_oracle is None:
-        member_grad = jax.grad(loss_fn)
-    else:
-        member_grad = method.grad_oracle(loss_fn, cfg)
+    rho = {} if parsed.sharpness == "none" else {"rho": cfg.rho}
+    oracle = methods.grad_oracle(parsed.sharpness, loss_fn, **rho)
+    member_grad = lambda params, x, y: oracle(params, x, y)[1]
 
     x_train, y_train = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     x_test, y_test = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])

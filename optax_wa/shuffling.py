@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -272,12 +273,18 @@ def wash_layer_probs(
     return jax.tree.unflatten(treedef, probs)
 
 
+def _is_var(operand) -> bool:
+    """Whether a jaxpr operand is a variable (a ``Literal`` is not hashable)."""
+    return isinstance(operand, jax.extend.core.Var)
+
+
 def _first_reads(jaxpr, names, clock, first):
     """Walks ``jaxpr`` in program order and records, for every variable in
     ``names`` (var -> leaf index), the clock tick of its first read. Calls
     whose body's inputs match the call's operands (``jit``, remat, custom
     derivatives, ``scan``; ``cond`` after its index) are entered, so a
-    jitted model is seen layer by layer."""
+    jitted model is seen layer by layer. Literal operands (constants such
+    as the ``0.0`` of a ReLU) are no tensors and are skipped."""
     for eqn in jaxpr.eqns:
         operands = list(eqn.invars)
         entered = False
@@ -292,14 +299,16 @@ def _first_reads(jaxpr, names, clock, first):
                 if len(inner.invars) != len(ops):
                     continue
                 sub_names = {
-                    v: names[o] for v, o in zip(inner.invars, ops) if o in names
+                    v: names[o]
+                    for v, o in zip(inner.invars, ops)
+                    if _is_var(o) and o in names
                 }
                 if sub_names:
                     _first_reads(inner, sub_names, clock, first)
                     entered = True
         if not entered:
             for var in operands:
-                if var in names:
+                if _is_var(var) and var in names:
                     first.setdefault(names[var], clock[0])
         clock[0] += 1
 

@@ -39,3 +39,40 @@ def persistent_compilation_cache(tmp_path_factory):
     for name, value in previous.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+def _read_scalars(logdir):
+    """``{tag: [(step, value), ...]}`` of every TensorBoard event file under ``logdir``.
+
+    Reads the TFRecord framing (length, its CRC, the ``Event`` proto, its
+    CRC) directly and parses each record with tensorboardX's ``event_pb2``,
+    so no TensorFlow or TensorBoard is needed.
+    """
+    import pathlib
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {logdir}"
+    for path in files:
+        raw = path.read_bytes()
+        offset = 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+            record = raw[offset + 12 : offset + 12 + length]
+            assert len(record) == length, f"truncated record in {path}"
+            offset += 12 + length + 4
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(
+                    (event.step, value.simple_value)
+                )
+    return scalars
+
+
+@pytest.fixture
+def read_scalars():
+    """The reader of TensorBoard scalars, ``read_scalars(logdir) -> {tag: [(step, value)]}``."""
+    return _read_scalars

@@ -768,7 +768,7 @@ def test_bad_sync_period_names_the_argument(value):
 
 def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_params():
     from examples.cifar.configs import default
-    from examples.common import methods
+    from examples.trainer import methods
 
     config = default.get_config()
     config.method = "papa"

@@ -29,7 +29,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from examples.cifar import input_pipeline, train  # noqa: E402
 from examples.cifar.configs import tiny  # noqa: E402
-from examples.common import augment, data, methods, trainer  # noqa: E402
+from examples.trainer import augment, data, loop, methods  # noqa: E402
+from examples.trainer.metrics import MetricWriter  # noqa: E402
 
 METHODS = (
     "sgd",
@@ -116,6 +117,40 @@ def test_method_trains_two_steps_with_sharded_members(method, tmp_path):
     assert np.isfinite(records[1]["train/loss"])
 
 
+def test_mock_data_flag_runs_offline_and_writes_tensorboard_scalars(
+    tmp_path, read_scalars
+):
+    config = tiny.get_config()
+    config.mock_data = True  # the flag alone: no tfds.testing.mock_data around the run
+    state, metrics = train.train_and_evaluate(config, str(tmp_path))
+
+    assert int(state.step) == 2
+    for name in ("member_0", "member_1", "ensemble", "average"):
+        # A fraction of the 16 mock evaluation records (max(16, batch_size 8)).
+        correct = metrics[f"eval/{name}/accuracy"] * 16
+        assert correct == pytest.approx(round(correct), abs=1e-4)
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    # Every metric of metrics.jsonl is a TensorBoard scalar of the same name,
+    # at the same step, with the same value (to float32).
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "train/learning_rate",
+        "train/steps_per_second",
+        "eval/member_0/accuracy",
+        "eval/ensemble/loss",
+        "eval/average/accuracy",
+        "eval/member_mean/accuracy",
+    } <= set(scalars)
+    logged = {(r["step"], k): v for r in records for k, v in r.items() if k != "step"}
+    written = {(step, tag): v for tag, pts in scalars.items() for step, v in pts}
+    assert set(written) == set(logged)
+    for key, value in logged.items():
+        assert written[key] == pytest.approx(value, rel=1e-6), key
+
+
 def test_a_short_run_on_digits_learns_well_above_chance(tmp_path):
     from examples.cifar.configs import digits
 
@@ -186,7 +221,7 @@ def test_a_non_finite_state_stops_training_and_keeps_the_last_checkpoint(
 ):
     # lr 1e30: step 1 moves the params to ~1e29, step 2 overflows them.
     config = _sgd_config(steps=4, learning_rate=1e30)
-    with pytest.raises(trainer.NonFiniteError) as error:
+    with pytest.raises(loop.NonFiniteError) as error:
         _run(config, tmp_path)
     message = str(error.value)
     assert message.startswith("training stopped at step 2: non-finite params")
@@ -206,7 +241,7 @@ def test_a_non_finite_state_stops_training_and_keeps_the_last_checkpoint(
 def test_a_non_finite_loss_at_the_first_step_names_the_loss(tmp_path):
     config = _sgd_config(steps=2)
     config.label_smoothing = float("nan")  # NaN targets: a NaN loss at step 1
-    with pytest.raises(trainer.NonFiniteError) as error:
+    with pytest.raises(loop.NonFiniteError) as error:
         _run(config, tmp_path)
     message = str(error.value)
     assert message.startswith("training stopped at step 1: non-finite train/loss")
@@ -281,7 +316,7 @@ def test_all_checkpoints_unreadable_raises_and_moves_nothing(two_checkpoints, tm
 
 
 def test_metric_writer_appends_and_drops_steps_after_the_resumed_one(tmp_path):
-    writer = trainer.MetricWriter(str(tmp_path))
+    writer = MetricWriter(str(tmp_path))
     for step in range(1, 6):
         writer.write(step, {"train/loss": step / 3})
     path = tmp_path / "metrics.jsonl"
@@ -289,7 +324,7 @@ def test_metric_writer_appends_and_drops_steps_after_the_resumed_one(tmp_path):
         f.write('{"step": 6, "train/lo')  # a line cut off by a kill
     kept = path.read_text().splitlines()[:3]
 
-    writer = trainer.MetricWriter(str(tmp_path))  # a run resumed from step 3
+    writer = MetricWriter(str(tmp_path))  # a run resumed from step 3
     writer.resume(3)
     assert path.read_text().splitlines() == kept
     writer.write(4, {"train/loss": 0.5})
@@ -297,6 +332,26 @@ def test_metric_writer_appends_and_drops_steps_after_the_resumed_one(tmp_path):
     assert lines[:3] == kept
     assert json.loads(lines[3]) == {"step": 4, "train/loss": 0.5}
     assert [json.loads(line)["train/loss"] for line in kept] == [1 / 3, 2 / 3, 1.0]
+
+
+def test_metric_writer_tensorboard_off_writes_only_metrics_jsonl(
+    tmp_path, read_scalars
+):
+    on, off = tmp_path / "on", tmp_path / "off"
+    for workdir, tensorboard in ((on, True), (off, False)):
+        writer = MetricWriter(str(workdir), tensorboard=tensorboard)
+        writer.write(7, {"train/loss": 0.25, "eval/average/accuracy": 0.5})
+        writer.close()
+        assert json.loads((workdir / "metrics.jsonl").read_text()) == {
+            "step": 7,
+            "train/loss": 0.25,
+            "eval/average/accuracy": 0.5,
+        }
+    assert read_scalars(on / "tensorboard") == {
+        "train/loss": [(7, 0.25)],
+        "eval/average/accuracy": [(7, 0.5)],
+    }
+    assert not (off / "tensorboard").exists()
 
 
 def _main(workdir, *flags, cache_dir, timeout=300):
@@ -490,8 +545,8 @@ def test_execution_depth_order_follows_the_forward_pass_not_key_order():
     config.model.kwargs.widths = (4,)
     from examples.cifar import models
 
-    fns = trainer.ModelFns(lambda rngs: models.create_model(config, rngs))
-    depth = trainer.execution_depth_order(fns, (32, 32, 3))
+    fns = loop.ModelFns(lambda rngs: models.create_model(config, rngs))
+    depth = loop.depth_order(fns, (32, 32, 3))
     ranks = {
         jax.tree_util.keystr(path): depth(path, leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(fns.abstract_params)[0]
@@ -513,7 +568,7 @@ def _abstract(config, name):
 
     config.model.name = name
     config.model.kwargs = {}
-    fns = trainer.ModelFns(lambda rngs: models.create_model(config, rngs))
+    fns = loop.ModelFns(lambda rngs: models.create_model(config, rngs))
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
     logits = jax.eval_shape(
         lambda p, s, x: fns.apply(p, s, x, train=True)[0],

@@ -21,17 +21,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the examples are not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-import tensorflow_datasets as tfds  # noqa: E402
 
-from examples.common import augment, data  # noqa: E402
 from examples.imagenet import train  # noqa: E402
 from examples.imagenet.configs import default, tiny  # noqa: E402
+from examples.trainer import augment, data  # noqa: E402
 
 
-def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path):
+def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path, read_scalars):
     config = tiny.get_config()
-    with tfds.testing.mock_data(num_examples=16):
-        state, metrics = train.train_and_evaluate(config, str(tmp_path))
+    # The flag alone: tfds.testing.mock_data records, max(16, batch_size 8) per split.
+    config.mock_data = True
+    state, metrics = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 1
     for leaf in jax.tree.leaves(state.params):
         assert leaf.dtype == jnp.float32  # bfloat16 computation, float32 params
@@ -53,6 +53,11 @@ def test_imagenet_trainer_runs_one_step_with_sharded_members(tmp_path):
     ]
     assert [r["step"] for r in records] == [1]  # train and evaluation in one line
     assert records[0]["eval/ensemble/loss"] == metrics["eval/ensemble/loss"]
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert scalars["eval/ensemble/loss"] == [
+        (1, pytest.approx(metrics["eval/ensemble/loss"], rel=1e-6))
+    ]
+    assert [step for step, _ in scalars["train/loss"]] == [1]
     # Step 1 is not a Lookaround sync (period 5): members that started from one
     # point moved apart (each trained on its own RandAugment views).
     params = jax.device_get(state.params)

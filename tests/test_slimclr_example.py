@@ -59,6 +59,34 @@ def mock_cifar(persistent_compilation_cache):
 SIMCLR = dict(framework="simclr", slow_start_fraction=0.5)
 
 
+def test_tiny_config_with_the_mock_data_flag_runs_offline(
+    persistent_compilation_cache, tmp_path, read_scalars
+):
+    # Before any test opens the module's mock_cifar: only the flag mocks here.
+    from examples.slimclr.configs import tiny
+
+    config = tiny.get_config()
+    config.mock_data = True
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert [e["epoch"] for e in result["history"]] == [1, 2]
+    assert set(result["probe_accuracy"]) == {1.0, 0.5}
+    # Each epoch's losses, then the probe accuracies, at the step ending the
+    # epoch (16 mock records, batch 8: 2 steps per epoch), in metrics.jsonl
+    # and TensorBoard.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2, 4, 4]
+    assert records[1]["pretrain/contrastive/0.5"] == pytest.approx(
+        result["history"][1]["contrastive"]["0.5"]
+    )
+    assert records[2]["probe/accuracy/1.0"] == result["probe_accuracy"][1.0]
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["pretrain/loss"]] == [2, 4]
+    assert scalars["probe/accuracy/0.5"] == [
+        (4, pytest.approx(result["probe_accuracy"][0.5], rel=1e-6))
+    ]
+
+
 def test_simclr_slow_start_then_all_widths_on_mock_cifar(mock_cifar, tmp_path):
     config = _tiny_config(save_checkpoint=True, **SIMCLR)
     result = train.train_and_evaluate(config, str(tmp_path))

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # the examples are not part of the installed pack
 
 from examples.cifar import train  # noqa: E402
 from examples.cifar.configs import tiny  # noqa: E402
-from examples.common import data  # noqa: E402
+from examples.trainer import data  # noqa: E402
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 300  # per launch of the processes
@@ -209,7 +209,9 @@ def test_process_blocks_make_up_the_single_process_global_batch():
         data.ProcessBlockSampler(None, 12, 5)
 
 
-def test_two_processes_resume_and_match_one_process_with_eight_devices(tmp_path):
+def test_two_processes_resume_and_match_one_process_with_eight_devices(
+    tmp_path, read_scalars
+):
     assert jax.device_count() == 8 and jax.process_count() == 1
     workdir, cache = tmp_path / "two_processes", tmp_path / "cache"
     first = _launch(workdir, 2, tmp_path, cache)
@@ -228,6 +230,9 @@ def test_two_processes_resume_and_match_one_process_with_eight_devices(tmp_path)
 
     two, one = _records(workdir), _records(reference_dir)
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    # Only process 0 writes TensorBoard: each step once over both launches.
+    scalars = read_scalars(workdir / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
     worst = {}
     for a, b in zip(two, one):
         assert a.keys() == b.keys()

@@ -737,6 +737,20 @@ def test_execution_depth_order_follows_the_forward_pass(wrap):
     assert probs["unused"] == 0.0
 
 
+def test_execution_depth_order_skips_literal_operands():
+    """A ReLU's ``max(x, 0.0)`` and a scale ``x * 2.0`` read constants
+    (jaxpr literals, not hashable), which are no tensors of the params."""
+    params = {"b_second": jnp.ones((4, 2)), "a_first": jnp.ones((3, 4))}
+
+    def forward(p, x):
+        return jnp.maximum(2.0 * x @ p["a_first"], 0.0) @ p["b_second"]
+
+    order = shuffling.execution_depth_order(forward, params, jnp.ones((1, 3)))
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    depths = {jax.tree_util.keystr(p): order(p, x) for p, x in paths}
+    assert depths == {"['a_first']": 0, "['b_second']": 1}
+
+
 def test_quantized_named_exchange_equals_stacked():
     """16-bit values cross the named exchange as their bits, unchanged."""
     params = _params()

@@ -1,8 +1,8 @@
 """CIFAR-10/100 (``tfds.data_source``) and embedded digits sources and transforms.
 
-Training records go through :func:`examples.common.data.train_loader`
+Training records go through :func:`examples.trainer.data.train_loader`
 (grain, per-process sharding, one augmented view per member); see
-:mod:`examples.common.augment` for the member policies built on
+:mod:`examples.trainer.augment` for the member policies built on
 :func:`train_base` (4-pixel reflect pad, random 32x32 crop, horizontal flip).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from examples.common import augment, data
+from examples.trainer import augment, data
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
@@ -21,7 +21,7 @@ def get_sources(config):
     ``"digits"`` is ``sklearn.datasets.load_digits`` upscaled to 32x32x3
     (bundled with scikit-learn: no download); ``"cifar10"``/``"cifar100"``
     read the prepared TFDS array_record files and raise
-    :class:`examples.common.data.DatasetNotPreparedError` naming the
+    :class:`examples.trainer.data.DatasetNotPreparedError` naming the
     preparation command when they are missing.
     """
     if config.dataset not in NUM_CLASSES:

@@ -4,7 +4,7 @@
         --config=examples/cifar/configs/default.py --config.method=lookaround+ssam
 """
 
-from examples.common.main import run
+from examples.trainer.cli import run
 
 if __name__ == "__main__":
     from examples.cifar import train

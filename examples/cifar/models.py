@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from examples.common import models as common_models
-from examples.common.models import ViT
+from examples.trainer import models as trainer_models
+from examples.trainer.models import ViT
 
 
 def _conv(cin, cout, kernel, stride, dtype, rngs):
@@ -176,4 +176,4 @@ ARCHITECTURES = {
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """Builds ``config.model.name`` with ``config.model.kwargs`` overrides."""
-    return common_models.create_model(ARCHITECTURES, config, rngs)
+    return trainer_models.create_model(ARCHITECTURES, config, rngs)

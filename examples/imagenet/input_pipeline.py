@@ -2,7 +2,7 @@
 
 Training: Inception-style random resized crop to ``config.image_size`` and a
 horizontal flip, then each member's policy (see
-:mod:`examples.common.augment`). Evaluation: resize the short side to
+:mod:`examples.trainer.augment`). Evaluation: resize the short side to
 ``image_size / 0.875`` and take the central crop.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from examples.common import augment, data
+from examples.trainer import augment, data
 
 
 def get_sources(config):

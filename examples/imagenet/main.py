@@ -4,7 +4,7 @@
         --config=examples/imagenet/configs/default.py
 """
 
-from examples.common.main import run
+from examples.trainer.cli import run
 
 if __name__ == "__main__":
     from examples.imagenet import train

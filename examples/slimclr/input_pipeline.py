@@ -6,7 +6,7 @@
 * ``cifar10`` / ``cifar100``: read once with ``tfds.data_source`` (the
   array_record files, no TensorFlow) through a ``grain.MapDataset`` into
   host memory (150 MB of uint8 for CIFAR-10). A dataset that is not prepared
-  raises :class:`examples.common.data.DatasetNotPreparedError` naming the
+  raises :class:`examples.trainer.data.DatasetNotPreparedError` naming the
   command that prepares it.
 
 Both are then served as shuffled index batches of in-memory arrays, and the
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples.common import data as common_data
+from examples.trainer import data as trainer_data
 
 NUM_CLASSES = {"mnist1d": 10, "cifar10": 10, "cifar100": 100}
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
@@ -78,8 +78,10 @@ def load(config) -> Dataset:
         return Dataset(
             d["x_train"], d["y_train"], d["x_test"], d["y_test"], 10, "signal"
         )
-    train = common_data.tfds_source(config.dataset, config.train_split, config.data_dir)
-    test = common_data.tfds_source(config.dataset, config.eval_split, config.data_dir)
+    train = trainer_data.tfds_source(
+        config.dataset, config.train_split, config.data_dir
+    )
+    test = trainer_data.tfds_source(config.dataset, config.eval_split, config.data_dir)
     x_train, y_train = _read_all(train, config.get("max_train_examples"))
     x_test, y_test = _read_all(test, config.get("max_eval_examples"))
     return Dataset(

@@ -12,7 +12,7 @@ stderr at INFO level (pass ``--verbosity=-1`` for warnings only).
 
 import sys
 
-from examples.common.main import run
+from examples.trainer.cli import run
 
 if __name__ == "__main__":
     from examples.slimclr import train

@@ -49,6 +49,8 @@ from absl import logging
 from flax import nnx
 
 from examples.slimclr import input_pipeline
+from examples.trainer import data as trainer_data
+from examples.trainer.metrics import MetricWriter
 from optax_wa import slimmable as sl
 
 PyTree = Any
@@ -407,11 +409,19 @@ def make_pretrain_step(
     return step
 
 
-def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
+def pretrain(
+    config,
+    data: input_pipeline.Dataset,
+    *,
+    log: bool = True,
+    writer: MetricWriter | None = None,
+):
     """Pretrains the slimmable encoder; returns ``(graphdef, params, stats, history)``.
 
     ``history`` holds one entry per epoch: the mean loss, the per-width
-    contrastive and distillation losses, and the mean imbalance ratio.
+    contrastive and distillation losses, and the mean imbalance ratio. A
+    ``writer`` gets each epoch's entry as scalars (:func:`epoch_scalars`) at
+    the step that ends the epoch.
     """
     _check_framework(config)
     model, params, batch_stats = init_model(config)
@@ -473,6 +483,8 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
         if "imbalance_ratio" in means:
             entry["imbalance_ratio"] = float(means["imbalance_ratio"])
         history.append(entry)
+        if writer is not None:
+            writer.write(global_step, epoch_scalars(entry))
         if log and (epoch + 1) % config.log_every_epochs == 0:
             logging.info(
                 "epoch %d loss %.4f contrastive %s distillation %s ratio %s (%.1fs)",
@@ -484,6 +496,18 @@ def pretrain(config, data: input_pipeline.Dataset, *, log: bool = True):
                 entry["seconds"],
             )
     return graphdef, state.params, state.batch_stats, history
+
+
+def epoch_scalars(entry: dict) -> dict[str, float]:
+    """An epoch's ``history`` entry as flat scalars (``pretrain/contrastive/0.5``...)."""
+    scalars = {}
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            for width, v in value.items():
+                scalars[f"pretrain/{name}/{width}"] = float(v)
+        else:
+            scalars[f"pretrain/{name}"] = float(value)
+    return scalars
 
 
 # ----------------------------------------------------------------------------
@@ -658,16 +682,29 @@ def raw_input_probe(data, config):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Pretrains, probes every width, writes ``metrics.json`` to ``workdir``.
 
+    Every epoch's losses, and then the probe accuracies, are also written
+    as scalars to ``workdir/metrics.jsonl`` and (unless
+    ``config.tensorboard`` is off) TensorBoard, at the step that ends the
+    epoch (:class:`examples.trainer.metrics.MetricWriter`). With
+    ``config.mock_data`` the CIFAR records are random mock records
+    (:func:`examples.trainer.data.mock_data`).
+
     Returns:
       ``{"probe_accuracy": {width: acc}, "history": [...], "switch_epoch": e}``.
     """
     os.makedirs(workdir, exist_ok=True)
-    data = input_pipeline.load(config)
+    with trainer_data.mock_data(config, policy="code"):
+        data = input_pipeline.load(config)
     logging.info(
         "data: %d train / %d test (%s)", len(data.y_train), len(data.y_test), data.kind
     )
-    graphdef, params, batch_stats, history = pretrain(config, data)
+    writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+    writer.resume(0)  # a new run: drop the lines of an earlier one
+    graphdef, params, batch_stats, history = pretrain(config, data, writer=writer)
     accuracy, stats_after = probe_backbone(graphdef, params, batch_stats, data, config)
+    last_step = (len(data.x_train) // config.batch_size) * config.num_epochs
+    writer.write(last_step, {f"probe/accuracy/{w}": a for w, a in accuracy.items()})
+    writer.close()
     unchanged = all(
         bool(jnp.array_equal(a, b))
         for a, b in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(stats_after))

@@ -15,13 +15,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = "cifar10"  # cifar10 | cifar100 | digits
     config.num_classes = 10
     config.data_dir = config_dict.placeholder(str)
+    # True: random records of the dataset's shapes (tfds.testing.mock_data),
+    # offline, nothing prepared: checks that a config runs (not "digits").
+    config.mock_data = False
     config.train_split = "train"
     config.eval_split = "test"
     config.image_mean = (0.4914, 0.4822, 0.4465)
     config.image_std = (0.2470, 0.2435, 0.2616)
     config.worker_count = 4  # grain worker processes (0: in the main process)
     # Per-member augmentation policies, cycled over members
-    # (crop_flip | autoaugment | randaugment; see examples/common/augment.py).
+    # (crop_flip | autoaugment | randaugment; see examples/trainer/augment.py).
     config.member_augment = ("crop_flip", "autoaugment", "randaugment")
     config.random_flip = True  # the horizontal flip of every policy
 
@@ -31,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs = ml_collections.ConfigDict()  # overrides of the architecture
     config.dtype = "float32"  # computation dtype; params stay float32
 
-    # Method: '+'-joined tokens (examples/common/methods.py), e.g. "sgd",
+    # Method: '+'-joined tokens (examples/trainer/methods.py), e.g. "sgd",
     # "adamw", "lookahead", "lookaround", "papa", "wash", "sam", "usam",
     # "asam", "ssam", "lookaround+ssam".
     config.method = "lookaround"
@@ -85,5 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 3900
     config.max_checkpoints_to_keep = 2
     config.progress_bar = True
+    config.tensorboard = True  # scalars in workdir/tensorboard (tensorboardX)
     config.seed = 0
     return config

@@ -18,6 +18,9 @@ def get_config():
     # Data.
     config.dataset = "cifar10"
     config.data_dir = None
+    # True: random CIFAR records (tfds.testing.mock_data), offline; checks
+    # that a config runs. No effect on the embedded MNIST-1D.
+    config.mock_data = False
     config.data_seed = 42  # MNIST-1D generator seed
     config.train_split = "train"
     config.eval_split = "test"
@@ -80,5 +83,6 @@ def get_config():
     config.probe_learning_rate = 1e-2
 
     config.log_every_epochs = 1
+    config.tensorboard = True  # per-epoch scalars in workdir/tensorboard
     config.save_checkpoint = True
     return config

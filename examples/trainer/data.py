@@ -1,5 +1,7 @@
 """Input pipelines: ``tfds.data_source`` + grain, per-process sharding, no TensorFlow.
 
+Example code, not library API.
+
 Training batches come from a checkpointable ``grain.DataLoader`` sharded
 over processes (``jax.process_index()`` of ``jax.process_count()``): each
 process reads its block of every global batch, and the global batch is the
@@ -12,14 +14,19 @@ Evaluation and BatchNorm-recalibration batches are plain ``grain.MapDataset``
 pipelines over this process's slice of the records, padded to a fixed number
 of batches with a ``mask``.
 
+``config.mock_data = True`` (:func:`mock_data`) replaces every TFDS dataset
+by ``tfds.testing.mock_data``'s random records of the right shapes and
+types: the whole trainer runs offline, nothing prepared, as the tests run it.
+
 Host batches become global ``jax.Array``s with
 ``jax.make_array_from_process_local_data``; the mesh is built so that each
 process holds a contiguous block of the data axis (see
-:func:`examples.common.trainer.make_mesh`).
+:func:`examples.trainer.loop.make_mesh`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
@@ -70,6 +77,34 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
             f"{' in ' + data_dir if data_dir else ''}; prepare it with: "
             f"{prepare_command(name, data_dir)}"
         ) from e  # the original error stays attached as the cause
+
+
+def mock_data(config, policy: str = "auto") -> contextlib.AbstractContextManager:
+    """``tfds.testing.mock_data`` while ``config.mock_data`` is set, else nothing.
+
+    Inside it every ``tfds.data_source`` call gives random records with the
+    dataset's features (images of its shapes, labels in range), offline, in
+    each split ``max(16, config.batch_size)`` records: enough for a tiny
+    config's run, evaluation and recalibration. Learning on them is noise:
+    it checks that a config runs, not what it reaches. The patch lives in
+    this process, so the training loader runs without grain workers then.
+
+    Args:
+      config: the trainer config (``config.mock_data``, ``config.batch_size``).
+      policy: ``"auto"`` (``MockPolicy.AUTO``: the dataset's metadata when
+        installed, else its code) or ``"code"`` (``MockPolicy.USE_CODE``).
+    """
+    if not config.get("mock_data", False):
+        return contextlib.nullcontext()
+    import tensorflow_datasets as tfds
+
+    policies = {
+        "auto": tfds.testing.MockPolicy.AUTO,
+        "code": tfds.testing.MockPolicy.USE_CODE,
+    }
+    return tfds.testing.mock_data(
+        num_examples=max(16, int(config.batch_size)), policy=policies[policy]
+    )
 
 
 @dataclasses.dataclass(frozen=True)

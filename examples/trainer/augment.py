@@ -1,5 +1,8 @@
 """Data augmentation in NumPy on uint8 images ``(H, W, 3)``, one image at a time.
 
+Example code, not library API: the member policies of the CIFAR and
+ImageNet trainers.
+
 Every function takes a ``numpy.random.Generator`` (grain hands one to each
 record, derived from the loader seed and the record index, so augmentation is
 reproducible and resumes exactly from a checkpoint).

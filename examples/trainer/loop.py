@@ -1,7 +1,10 @@
-"""The training loop shared by the CIFAR and ImageNet trainers.
+"""The training loop of the CIFAR and ImageNet trainers.
 
-Sections: mesh, model functions, train state, train step, evaluation,
-logging, checkpoints, the loop (:func:`train_and_evaluate`).
+Example code, not library API. Sections: mesh, model functions, train state,
+train step, evaluation, non-finite values, the loop
+(:func:`train_and_evaluate`); checkpoints are in
+:mod:`examples.trainer.checkpoints`, metrics in :mod:`examples.trainer.metrics`,
+the method registry in :mod:`examples.trainer.methods`.
 
 The ensemble is stacked: every leaf of the params, the BatchNorm statistics
 and the optimizer state carries the member axis first (``M`` members, ``M=1``
@@ -19,29 +22,25 @@ place the intermediates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-import grain
 import jax
-import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_wa
-from examples.common import augment, data, methods
+from examples.trainer import augment, checkpoints, data, methods
+from examples.trainer.metrics import MetricWriter
 from optax_wa import members
+from optax_wa.shuffling import execution_depth_order
 
 # ---------------------------------------------------------------------------
 # Mesh.
@@ -131,36 +130,21 @@ class ModelFns:
         return nnx.split(model, nnx.Param, ...)[2]
 
 
-def execution_depth_order(fns: ModelFns, image_shape) -> Callable:
-    """``(path, leaf) -> depth``: the order in which the forward pass first uses each param.
+def depth_order(fns: ModelFns, image_shape) -> Callable:
+    """``(path, leaf) -> depth`` of one member's params, for WASH's ``layer_probs="linear"``.
 
-    WASH's ``layer_probs="linear"`` needs an explicit depth; dictionary key
-    order (``blocks/10`` vs ``blocks/2``, ``head`` before ``stem``) is not one.
-    The rank of a tensor is the index of the first operation of the traced
-    forward pass that reads it.
+    :func:`optax_wa.shuffling.execution_depth_order` of the forward pass (the
+    order in which it first reads each tensor); dictionary key order
+    (``blocks/10`` before ``blocks/2``, ``head`` before ``stem``) is not one.
     """
-    leaves = jax.tree_util.tree_flatten_with_path(fns.abstract_params)[0]
-    paths = [jax.tree_util.keystr(path) for path, _ in leaves]
 
-    def forward(flat_params, state, images):
-        params = jax.tree.unflatten(
-            jax.tree.structure(fns.abstract_params), flat_params
-        )
+    def forward(params, state, images):
         return fns.apply(params, state, images, train=False)[0]
 
-    flat = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for _, leaf in leaves]
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    jaxpr = jax.make_jaxpr(forward)(flat, fns.abstract_state, images).jaxpr
-    first_use = {}
-    for index, eqn in enumerate(jaxpr.eqns):
-        for var in eqn.invars:
-            if isinstance(var, jax.extend.core.Var):
-                first_use.setdefault(var, index)
-    order = sorted(
-        range(len(paths)), key=lambda i: first_use.get(jaxpr.invars[i], 1 << 30)
+    return execution_depth_order(
+        forward, fns.abstract_params, fns.abstract_state, images
     )
-    rank = {paths[i]: r for r, i in enumerate(order)}
-    return lambda path, leaf: rank[jax.tree_util.keystr(path)]
 
 
 # ---------------------------------------------------------------------------
@@ -234,11 +218,11 @@ def make_setup(config, create_model, image_shape, num_train_examples) -> Setup:
         total_steps = int(config.num_epochs * num_train_examples // config.batch_size)
     schedule = methods.learning_rate_schedule(config, total_steps)
     fns = ModelFns(create_model)
-    depth_order = None
+    order = None
     if method.averaging == "wash" and config.wash.layer_probs == "linear":
-        depth_order = execution_depth_order(fns, image_shape)
+        order = depth_order(fns, image_shape)
     steps_per_epoch = max(int(num_train_examples) // int(config.batch_size), 1)
-    tx = methods.make_optimizer(config, method, schedule, depth_order, steps_per_epoch)
+    tx = methods.make_optimizer(config, method, schedule, order, steps_per_epoch)
     return Setup(
         config=config,
         method=method,
@@ -514,70 +498,7 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------------------
-# Logging: stdout, a JSON-lines file, TensorBoard when installed; process 0 writes.
-
-
-def _workdir(workdir: str) -> epath.Path:
-    """``workdir`` as a path: local paths made absolute, ``gs://`` kept."""
-    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-
-
-class MetricWriter:
-    """Writes metrics (process 0 only) to ``workdir/metrics.jsonl`` and TensorBoard.
-
-    ``metrics.jsonl`` holds one JSON object per logged step (the train and
-    evaluation metrics of a step together), appended line by line, so the
-    workdir must be on a file system with append. :meth:`resume` first drops
-    the lines of steps after the one a run resumes from (they are logged
-    again), so that every step appears once.
-    """
-
-    def __init__(self, workdir: str):
-        self.enabled = jax.process_index() == 0
-        self.path = _workdir(workdir) / "metrics.jsonl"
-        self.tensorboard = None
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(_workdir(workdir) / "tensorboard"))
-            except ImportError:
-                pass
-
-    def resume(self, step: int) -> None:
-        """Keeps the lines of steps ``<= step`` (and drops a partly written last line)."""
-        if not self.enabled or not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines()
-        steps = [_line_step(line) for line in lines]
-        kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
-        if len(kept) != len(lines):
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tensorboard is not None:
-            for name, value in metrics.items():
-                self.tensorboard.add_scalar(name, value, step)
-            self.tensorboard.flush()
-
-    def print(self, message: str) -> None:
-        if self.enabled:
-            from tqdm import tqdm
-
-            tqdm.write(message)  # above the progress bar, if there is one
-
-
-def _line_step(line: str) -> int | None:
-    """The step of a ``metrics.jsonl`` line; ``None`` for a partly written line."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+# Non-finite values and the summary line.
 
 
 def _summary(metrics: dict[str, float], num_members: int) -> str:
@@ -586,106 +507,6 @@ def _summary(metrics: dict[str, float], num_members: int) -> str:
         parts.append(f"ensemble {metrics['eval/ensemble/accuracy']:.4f}")
     parts.append(f"average {metrics['eval/average/accuracy']:.4f}")
     return "eval accuracy: " + ", ".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints: params, optimizer state, step and the grain iterator state.
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        _workdir(workdir) / "checkpoints",
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_checkpoints_to_keep, create=True
-        ),
-    )
-
-
-def save_checkpoint(manager, state: TrainState, train_iter) -> None:
-    manager.save(
-        int(state.step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(train_iter),
-        ),
-    )
-
-
-def restore_checkpoint(
-    manager, state: TrainState, train_iter, warn: Callable[[str], None] = print
-) -> TrainState | None:
-    """Restores the newest readable checkpoint into ``state``'s shardings (and ``train_iter``).
-
-    Tries the steps from the latest down. A checkpoint that fails to restore
-    (truncated array data, missing metadata, a garbled iterator state, ...)
-    is reported through ``warn``, naming its directory and the error. Once an
-    earlier one restores, the unreadable newer ones are moved to
-    ``checkpoints_unreadable/`` next to the checkpoints (kept for inspection,
-    and out of the way of the steps that will be saved again). With several
-    processes the checkpoints must be on a file system they share, so that
-    every process sees the same failures and falls back to the same step.
-
-    Returns:
-      The restored state, or ``None`` when there is no checkpoint.
-
-    Raises:
-      RuntimeError: when there are checkpoints and none restores (e.g. a
-        config that changed the model): nothing is moved then.
-    """
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    steps = sorted(manager.all_steps(), reverse=True)
-    unreadable, error = [], None
-    for step in steps:
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
-                    data=grain.checkpoint.CheckpointRestore(train_iter),
-                ),
-            )
-        except Exception as e:  # any failure to read: fall back to an earlier step
-            error = e
-            message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            warn(
-                f"warning: checkpoint {manager.directory / str(step)} cannot be "
-                f"restored ({type(e).__name__}: {message}); trying an earlier one."
-            )
-            unreadable.append(step)
-            continue
-        if unreadable:
-            _move_unreadable(manager, unreadable, warn)
-        return restored.state
-    if steps:
-        raise RuntimeError(
-            f"none of the checkpoints {steps} in {manager.directory} can be restored; "
-            "the last error is chained above."
-        ) from error
-    return None
-
-
-def _move_unreadable(manager, steps, warn) -> None:
-    """Moves step directories to ``checkpoints_unreadable/`` (process 0) and reloads."""
-    target_root = epath.Path(manager.directory).parent / "checkpoints_unreadable"
-    if jax.process_index() == 0:
-        target_root.mkdir(parents=True, exist_ok=True)
-        for step in steps:
-            target, n = target_root / str(step), 0
-            while target.exists():
-                n += 1
-                target = target_root / f"{step}.{n}"
-            (epath.Path(manager.directory) / str(step)).rename(target)
-            warn(
-                f"warning: moved the unreadable checkpoint of step {step} to {target}."
-            )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("move unreadable checkpoints")
-    manager.reload()
 
 
 # What the train step checks for finiteness, in the order a message names them.
@@ -782,7 +603,8 @@ def make_train_iterator(config, task: Task, num_members: int) -> Iterator:
         transforms,
         global_batch=config.batch_size,
         seed=config.seed,
-        worker_count=config.worker_count,
+        # Mock records come from a patch of this process's tfds: no workers.
+        worker_count=0 if config.get("mock_data") else config.worker_count,
     )
     return iter(loader)
 
@@ -807,7 +629,7 @@ def train_and_evaluate(
     setup = make_setup(
         config, task.create_model, task.image_shape, len(task.train_source)
     )
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
     mesh = setup.mesh
     writer.print(
         f"method {config.method} ({setup.method}), {setup.num_members} member(s), "
@@ -823,8 +645,10 @@ def train_and_evaluate(
         task.image_shape,
     )
     train_iter = make_train_iterator(config, task, setup.num_members)
-    manager = checkpoint_manager(workdir, config)
-    restored = restore_checkpoint(manager, state, train_iter, warn=writer.print)
+    manager = checkpoints.checkpoint_manager(workdir, config)
+    restored = checkpoints.restore_checkpoint(
+        manager, state, train_iter, warn=writer.print
+    )
     if restored is not None:
         state = restored
         writer.print(f"resumed from step {int(state.step)}")
@@ -887,10 +711,11 @@ def train_and_evaluate(
                 if record:
                     writer.write(step, record)
                 if save:
-                    save_checkpoint(manager, state, train_iter)
+                    checkpoints.save_checkpoint(manager, state, train_iter)
     finally:
         if progress is not None:
             progress.close()
         manager.wait_until_finished()  # the last good checkpoint is complete
         manager.close()
+        writer.close()
     return state, eval_metrics

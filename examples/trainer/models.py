@@ -1,5 +1,7 @@
 """Models shared by the trainers: a Vision Transformer in Flax NNX and a registry.
 
+Example code, not library API.
+
 Pre-norm encoder blocks (LayerNorm, multi-head self-attention, LayerNorm,
 GELU MLP), learned position embeddings, global average pooling or a class
 token, a zero-initialized head. Computation runs in ``dtype`` (e.g.

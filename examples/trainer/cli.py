@@ -1,5 +1,8 @@
 """The command line shared by the trainers' ``main.py`` (absl + ml_collections).
 
+Example code, not library API. ``examples/{cifar,imagenet,slimclr}/main.py``
+each call :func:`run` with their ``train.train_and_evaluate``.
+
 With ``--distributed`` every process calls ``jax.distributed.initialize``
 before anything touches a device: with no other flag (a TPU pod, a cluster
 that JAX detects) the plain call; for a launch by hand, e.g. several
@@ -13,7 +16,7 @@ A dataset that is not prepared prints one line naming the command that
 prepares it and exits with status 2 (no traceback).
 
 A run that stops on a non-finite loss or state (``FloatingPointError``, see
-:class:`examples.common.trainer.NonFiniteError`) exits with status 1 and its
+:class:`examples.trainer.loop.NonFiniteError`) exits with status 1 and its
 message, which names the step, on stderr.
 """
 
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from examples.common.data import DatasetNotPreparedError
+from examples.trainer.data import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -91,6 +94,8 @@ def initialize_distributed(
 
 
 def run(train_and_evaluate: Callable) -> None:
+    """Parses the flags and runs ``train_and_evaluate(config, workdir)`` (absl ``app.run``)."""
+
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError("Too many command-line arguments.")

@@ -1,1 +1,0 @@
-"""Machinery shared by the CIFAR and ImageNet trainers (written once)."""
