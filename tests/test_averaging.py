@@ -767,6 +767,7 @@ def test_bad_sync_period_names_the_argument(value):
 
 
 def test_cifar_papa_recipe_with_warmup_stays_finite_and_pulls_bn_stats_with_params():
+    pytest.importorskip("ml_collections")  # the examples extra
     from examples.cifar.configs import default
     from examples.trainer import methods
 

@@ -521,6 +521,7 @@ def test_stride2_block_equals_released_padding(block_cls, size):
 
 def test_cifar_example_stride2_block_equals_released_padding():
     """The CIFAR example's ResNet/WRN blocks pad their 3x3 convolutions by 1 too."""
+    pytest.importorskip("ml_collections")  # the examples extra
     from examples.cifar import models as cifar_models
 
     rng = np.random.default_rng(5)
