@@ -52,16 +52,18 @@ from optax_wa import members  # noqa: E402
 SHAPES = ((3, 3, 8, 8), (32, 16), (16,))
 
 
-def tree(num_leaves, num_members, resnet20=False):
+def tree(num_leaves, num_members, resnet20=False, distinct=False):
     if resnet20:
         shapes = resnet20_shapes()
         return {
             name: jnp.zeros((num_members, *shape)) for name, shape in shapes.items()
         }
-    return {
-        f"t{i:04d}": jnp.zeros((num_members, *SHAPES[i % len(SHAPES)]))
-        for i in range(num_leaves)
-    }
+
+    def shape(i):
+        *lead, last = SHAPES[i % len(SHAPES)]
+        return (*lead, last + i // len(SHAPES)) if distinct else (*lead, last)
+
+    return {f"t{i:04d}": jnp.zeros((num_members, *shape(i))) for i in range(num_leaves)}
 
 
 def compile_time(opt, params):
