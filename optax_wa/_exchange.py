@@ -10,12 +10,13 @@ permuted by one random permutation, shared by every member and device.
 **Jobs: one flat buffer per kind of tensor.** Tensors with the same ``p``
 and the same arrays (dtypes, and which arrays hold an update on a base) are
 concatenated, per member, into one flat buffer per array: a *job*. A job is
-selected, gathered, exchanged and written back once, so the program (and
-its compile time) grows with the number of jobs, not of tensors: with a
-constant ``p``, all float32 parameters are one job. Selecting each
-coordinate of the concatenation with probability ``p`` is selecting each
-coordinate of each tensor with probability ``p``. The price is one copy of
-the job's arrays into the flat buffer and one back per step.
+selected, gathered, exchanged and written back once, so the rounds (twice
+in the program: straight-line and in the loop) grow with the number of
+jobs, not of tensors: with a constant ``p``, all float32 parameters are one
+job; what remains per tensor is cutting its arrays out of the buffers.
+Selecting each coordinate of the concatenation with probability ``p`` is
+selecting each coordinate of each tensor with probability ``p``. The price
+is one copy of the job's arrays into the flat buffer and one back per step.
 
 **Selection in O(k): geometric gaps.** The selected coordinates of a buffer
 of ``d`` values are a Bernoulli(``p``) process. Starting from position -1,

@@ -14,9 +14,9 @@ the same numbers in both:
 
 The cross-member operations of this module (:func:`member_mean`,
 :func:`reduced_member_mean`, :func:`average_members`, :func:`pull_to_mean`,
-:func:`pair_mean`, :func:`permute_members`) take ``axis_name`` and pick the backend, so each method is
-written once. Member means accumulate in float32 (or wider) and refuse integer
-leaves, whose mean would be truncated.
+:func:`pair_mean`, :func:`permute_members`) take ``axis_name`` and pick the
+backend, so each method is written once. Member means accumulate in float32
+(or wider) and refuse integer leaves, whose mean would be truncated.
 """
 
 from __future__ import annotations
