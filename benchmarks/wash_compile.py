@@ -2,14 +2,28 @@
 
 Time to the first step, update alone: ``jax.jit(opt.update).lower(...)``
 then ``.compile()`` (trace + lower, and XLA compile, timed apart) on a
-stacked tree of ``--leaves`` small tensors (shapes cycling through a conv
-kernel, a dense kernel and a bias) with ``--members`` members, SGD with
-momentum. Each optimizer is compiled once in a fresh ``jax.jit`` (no cache
-shared between rows). The ratio to the bare optimizer is what grows with
-the leaf count today: the exchange runs per tensor.
+stacked tree with ``--members`` members, SGD with momentum: ``--leaves``
+small tensors (shapes cycling through a conv kernel, a dense kernel and a
+bias), or with ``--resnet20`` ResNet-20's 61 parameter tensors. Each
+optimizer is compiled once in a fresh ``jax.jit`` (no cache shared between
+rows). Rows: the bare optimizer, WASH at ``p = 0.01`` (constant: every
+tensor of a dtype is one flat buffer, one job), with the optimizer state
+shuffled too, Lookaround and PAPA; ``--linear`` adds WASH with the linear
+depth schedule, one depth per tensor (one job per depth: that program still
+grows with the depth count).
 
-Run: ``python benchmarks/wash_compile.py [--leaves 600] [--members 4]``;
-``--smoke``: 12 leaves, the same table.
+XLA:CPU compiles identical kernels once: on the default tree, whose leaves
+have 3 shapes, the bare optimizer compiles 3 elementwise kernels whatever
+the leaf count, while anything that cuts a leaf out of a shared buffer
+(at a leaf-specific offset) is one kernel per leaf. ``--distinct-shapes``
+gives every leaf its own shape (the last dimension grows with the index),
+as in a real network, where the bare optimizer compiles a kernel per leaf
+too.
+
+Run: ``python benchmarks/wash_compile.py [--leaves 600] [--members 4]
+[--distinct-shapes]``,
+``python benchmarks/wash_compile.py --resnet20 [--linear]``; ``--smoke``:
+12 leaves, the same table.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ if "--smoke" in sys.argv:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from averaging_speed import resnet20_shapes  # noqa: E402
 
 import optax_wa  # noqa: E402
 from optax_wa import members  # noqa: E402
@@ -37,11 +52,18 @@ from optax_wa import members  # noqa: E402
 SHAPES = ((3, 3, 8, 8), (32, 16), (16,))
 
 
-def tree(num_leaves, num_members):
-    return {
-        f"t{i:04d}": jnp.zeros((num_members, *SHAPES[i % len(SHAPES)]))
-        for i in range(num_leaves)
-    }
+def tree(num_leaves, num_members, resnet20=False, distinct=False):
+    if resnet20:
+        shapes = resnet20_shapes()
+        return {
+            name: jnp.zeros((num_members, *shape)) for name, shape in shapes.items()
+        }
+
+    def shape(i):
+        *lead, last = SHAPES[i % len(SHAPES)]
+        return (*lead, last + i // len(SHAPES)) if distinct else (*lead, last)
+
+    return {f"t{i:04d}": jnp.zeros((num_members, *shape(i))) for i in range(num_leaves)}
 
 
 def compile_time(opt, params):
@@ -58,22 +80,34 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--leaves", type=int, default=600)
     parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--resnet20", action="store_true", help="ResNet-20 shapes")
+    parser.add_argument("--linear", action="store_true", help="add linear WASH")
+    parser.add_argument(
+        "--distinct-shapes", action="store_true", help="no two leaves alike"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny settings")
     args = parser.parse_args()
     if args.smoke:
         args.leaves = 12
-    params = tree(args.leaves, args.members)
+    params = tree(args.leaves, args.members, args.resnet20, args.distinct_shapes)
     inner = optax.sgd(0.1, momentum=0.9)
+    depth_order = [(name,) for name in params]  # one depth per tensor
     opts = {
         "inner (vmapped sgd+momentum)": members.per_member(inner),
         "wash p=0.01": optax_wa.wash(inner, shuffle_prob=0.01),
         "wash p=0.01 +opt state": optax_wa.wash(
             inner, shuffle_prob=0.01, shuffle_opt_state=True
         ),
+        "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
+        "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
     }
+    if args.linear:
+        opts["wash p=0.01 linear"] = optax_wa.wash(
+            inner, shuffle_prob=0.01, depth_order=depth_order
+        )
     print(
-        f"{args.leaves} leaves x {args.members} members; load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"{len(params)} leaves x {args.members} members; jax {jax.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     print("| update | trace+lower s | compile s | total s | ratio |")
     print("|---|---|---|---|---|")
@@ -83,8 +117,10 @@ def main():
         total = traced + compiled
         base = base or total
         print(
-            f"| {name} | {traced:.2f} | {compiled:.2f} | {total:.2f} | {total / base:.1f} |"
+            f"| {name} | {traced:.2f} | {compiled:.2f} | {total:.2f} | {total / base:.1f} |",
+            flush=True,
         )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

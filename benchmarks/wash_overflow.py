@@ -14,8 +14,9 @@ axis split over an explicit ``("members",)`` mesh, WASH at ``p = 0.01``
 Then, for ``--steps`` consecutive steps, the first round's draws are
 recomputed with the library's own round-drawing code (the same keys
 ``fold_in(PRNGKey(seed), step)``; nothing is trained) and the step is
-counted as overflowing when a tensor has more selected coordinates than its
-static slots, or a pair of members has more values to exchange than the
+counted as overflowing when a job (the tensors of one kind as one flat
+buffer; here all of them) has more selected coordinates than its static
+slots, or a pair of members has more values to exchange than the
 exchange buffer's capacity: exactly the cases in which the loop runs. The
 largest fill of slots and buffers over all steps is printed as well. As a
 check that the recomputation is the library's, the coordinates the real
@@ -53,7 +54,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_wa  # noqa: E402
-from optax_wa import members, shuffling  # noqa: E402
+from optax_wa import _exchange, members  # noqa: E402
 from optax_wa.comm import collective_bytes  # noqa: E402
 
 M = 8
@@ -61,53 +62,53 @@ SEED = 0
 
 
 def first_round_layout(sizes, prob, num_members):
-    """The static layout ``_shuffle`` builds for one call (jobs, slots, capacity)."""
-    jobs = [
-        shuffling._make_job(i, size, prob, [i], [i]) for i, size in enumerate(sizes)
-    ]
-    layout = shuffling._layout(jobs, num_members)
-    return (
-        jobs,
-        layout.slots,
-        (layout.seg, layout.first, layout.local),
-        layout.exchanged,
-        layout.capacity,
-    )
+    """The static plan the engine makes for one call: WASH's tensors (an
+    update on its parameter) grouped into jobs, their slots and capacity."""
+    structs = [jax.ShapeDtypeStruct((num_members, n), jnp.float32) for n in sizes]
+    tensors = [_exchange.Tensor((x,), (x,), prob) for x in structs]
+    jobs = _exchange.plan_jobs(tensors, stacked=True)
+    return jobs, _exchange.layout(jobs, num_members)
 
 
-def make_draw(jobs, slots, layout, exchanged, num_members):
-    seg, first, local = layout
-    counts = jnp.asarray(slots + 1, jnp.int32)
+def make_draw(jobs, lay, num_members):
+    counts = jnp.asarray(lay.slots + 1, jnp.int32)
 
     def one(step):
         key = jax.random.fold_in(jax.random.PRNGKey(SEED), step)
         keypair = jax.random.bits(key, (2,), jnp.uint32)
-        drawn = shuffling._draw_round(
+        drawn = _exchange.draw_round(
             keypair,
             jnp.zeros((len(jobs),), jnp.int32),
             jnp.full((len(jobs),), -1, jnp.int32),
             jobs,
             num_members,
-            layout,
+            lay,
             "full",  # wash's default topology
         )
         num_valid = jnp.minimum(drawn.num_valid, counts)
-        valid = jnp.asarray(local) < num_valid[seg]
-        selected = jnp.minimum(num_valid, jnp.asarray(slots))  # items this round
+        valid = jnp.asarray(lay.local) < num_valid[lay.seg]
+        selected = jnp.minimum(num_valid, jnp.asarray(lay.slots))  # items this round
         # Values member i sends to member d: items whose permutation gives
         # d the value of i (perms[f, d] == i).
-        perms, moved = drawn.perms[exchanged], valid[exchanged]
+        perms, moved = drawn.perms[lay.exchanged], valid[lay.exchanged]
         onehot = jax.nn.one_hot(perms, num_members, dtype=jnp.int32)  # (K, d, i)
         pair = jnp.einsum("f,fdi->di", moved.astype(jnp.int32), onehot)
-        slot_fill = jnp.max(num_valid.astype(jnp.float32) / jnp.asarray(slots))
-        return num_valid > jnp.asarray(slots), jnp.max(pair), slot_fill, drawn, selected
+        slot_fill = jnp.max(num_valid.astype(jnp.float32) / jnp.asarray(lay.slots))
+        return (
+            num_valid > jnp.asarray(lay.slots),
+            jnp.max(pair),
+            slot_fill,
+            drawn,
+            selected,
+        )
 
     return one
 
 
-def check_against_library(params, sizes, one, steps):
+def check_against_library(params, jobs, lay, one, steps):
     """The coordinates a zero-gradient update moves are the recomputed
-    selection minus the items whose permutation is the identity."""
+    selection minus the items whose permutation is the identity (positions
+    in each job's buffer: its tensors concatenated in leaf order)."""
     opt = optax_wa.wash(
         optax.sgd(0.1), shuffle_prob=0.01, layer_probs="constant", seed=SEED
     )
@@ -118,26 +119,23 @@ def check_against_library(params, sizes, one, steps):
     )
     state = opt.init(params)
     update = jax.jit(opt.update)
-    leaves = jax.tree.leaves(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     for step in range(steps):
         updates, state = update(zeros, state, params)
         moved = [
-            np.flatnonzero(np.any(np.asarray(u) != 0, axis=0).reshape(-1))
+            np.any(np.asarray(u) != 0, axis=0).reshape(-1)
             for u in jax.tree.leaves(updates)
         ]
         _, _, _, drawn, selected = jax.jit(one)(step)
         pos, perms = np.asarray(drawn.pos), np.asarray(drawn.perms)
-        start = 0
-        for j in range(len(sizes)):
-            width = int(one.slots[j]) + 1
-            idx = slice(start, start + int(selected[j]))
+        for j, job in enumerate(jobs):
+            first = int(lay.first[j])
+            idx = slice(first, first + int(selected[j]))
             keep = np.any(perms[idx] != np.arange(M), axis=1)
             expected = np.sort(pos[idx][keep])
-            if not np.array_equal(expected, moved[j]):
+            got = np.flatnonzero(np.concatenate([moved[i] for i in job.tensors]))
+            if not np.array_equal(expected, got):
                 return False
-            start += width
-        assert len(leaves) == len(sizes)
     return True
 
 
@@ -173,9 +171,9 @@ def main():
     full = 4 * sum(int(np.prod(s)) for s in shapes.values())
 
     sizes = [int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(params)]
-    jobs, slots, layout, exchanged, capacity = first_round_layout(sizes, 0.01, M)
-    one = make_draw(jobs, slots, layout, exchanged, M)
-    one.slots = slots
+    jobs, lay = first_round_layout(sizes, 0.01, M)
+    one = make_draw(jobs, lay, M)
+    capacity = lay.capacity
 
     print(
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; {M} members "
@@ -184,7 +182,8 @@ def main():
     )
     print(
         f"exchange capacity per pair of members: {capacity} values; "
-        f"slots per round: {int(slots.sum()):,} over {len(sizes)} tensors"
+        f"slots per round: {int(lay.slots.sum()):,} over {len(sizes)} tensors "
+        f"in {len(jobs)} job{'s' if len(jobs) > 1 else ''}"
     )
     row = lambda name, kinds: print(  # noqa: E731
         f"{name:38s} {sum(kinds.values()):>9,d}  "
@@ -210,7 +209,7 @@ def main():
         max_pair = max(max_pair, int(pair.max()))
         max_fill = max(max_fill, float(fill.max()))
     bound = 3.0 / steps  # "rule of three": 95 % upper bound when none is seen
-    matches = check_against_library(params, sizes, one, 3)
+    matches = check_against_library(params, jobs, lay, one, 3)
     print(f"\nfirst rounds recomputed for steps 0..{steps - 1} (seed {SEED}):")
     print(f"  recomputed selection equals the library's moves (steps 0-2): {matches}")
     print(
@@ -224,7 +223,7 @@ def main():
     )
     print(
         f"  design bound (Bernstein, tail 1e-9 per buffer): below "
-        f"{1e-9 * (len(sizes) + M * M):.1e} per step"
+        f"{1e-9 * (len(jobs) + M * M):.1e} per step"
     )
     assert math.isfinite(max_fill)
 

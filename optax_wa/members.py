@@ -14,9 +14,9 @@ the same numbers in both:
 
 The cross-member operations of this module (:func:`member_mean`,
 :func:`reduced_member_mean`, :func:`average_members`, :func:`pull_to_mean`,
-:func:`pair_mean`) take ``axis_name`` and pick the backend, so each method is
-written once. Member means accumulate in float32 (or wider) and refuse integer
-leaves, whose mean would be truncated.
+:func:`pair_mean`, :func:`permute_members`) take ``axis_name`` and pick the
+backend, so each method is written once. Member means accumulate in float32
+(or wider) and refuse integer leaves, whose mean would be truncated.
 """
 
 from __future__ import annotations
@@ -740,12 +740,6 @@ def shard_members(tree: PyTree, mesh: Mesh, axis: str = "members") -> PyTree:
     return jax.device_put(tree, sharding)
 
 
-# ---------------------------------------------------------------------------
-# Per-coordinate permutations across members (the exchange behind WASH).
-
-
-# Default probability that a static exchange buffer is too small in one call;
-# an overflow is never an error, the caller processes the rest in another round.
 def _explicit_member_axes(x) -> tuple[Any, tuple[str, ...]] | None:
     """``(mesh, mesh_axes)`` when the leading axis of ``x`` is split over mesh
     axes of an explicit mesh (visible in ``jax.typeof(x)``), else ``None``."""
@@ -764,6 +758,13 @@ def _explicit_member_axes(x) -> tuple[Any, tuple[str, ...]] | None:
     if not all(types.get(a) == jax.sharding.AxisType.Explicit for a in axes):
         return None
     return mesh, axes
+
+
+# ---------------------------------------------------------------------------
+# Per-coordinate permutations across members (the cross-member step of WASH;
+# the selection and its rounds are the engine optax_wa._exchange). An exchange
+# buffer that is too small is never an error: the items from the first one
+# that did not fit are reported, and the caller moves them in another round.
 
 
 def _exclusive_rank(groups: jax.Array, valid: jax.Array, num_groups: int) -> jax.Array:

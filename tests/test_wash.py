@@ -460,14 +460,6 @@ def test_permute_members_stacked_rejects_bad_shapes():
         members.permute_members(jnp.zeros((2, 4)), jnp.zeros((3, 2), jnp.int32))
 
 
-def test_threefry_matches_jax():
-    key = jnp.array([0x12345678, 0x9ABCDEF0], jnp.uint32)
-    count = jax.random.bits(jax.random.key(0), (2, 257), jnp.uint32)
-    expected = jax.extend.random.threefry_2x32(key, count)
-    got = shuffling._threefry2x32(key[0], key[1], count[0], count[1])
-    np.testing.assert_array_equal(np.stack(got), np.asarray(expected))
-
-
 # --- the reference simulator's options --------------------------------------------
 
 
