@@ -5,10 +5,14 @@ the same table shape as the real run). Each script runs in its own process,
 as a user runs it (``python benchmarks/NAME.py --smoke``, without the test
 suite's 8 fake devices), and must exit with status 0 and print the header of
 its table. A new script needs an entry in ``TABLE_HEADERS``.
+``ensemble_step.py`` also runs its ResNet-20 (``--model resnet20``) and, only
+where ``torch`` is importable (it is not a dependency), checks that its JAX
+step and its PyTorch loop compute the same params (``--check``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -84,3 +88,42 @@ def test_script_runs_with_smoke_and_prints_its_table(script):
     assert re.search(header, result.stdout), (
         f"{script.name} --smoke printed no table header /{header}/:\n{tail}"
     )
+
+
+def _run_ensemble_step(*flags: str) -> subprocess.CompletedProcess:
+    script = ROOT / "benchmarks" / "ensemble_step.py"
+    try:
+        return subprocess.run(
+            [sys.executable, str(script), *flags],
+            cwd=ROOT,
+            env=_user_environment(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"ensemble_step.py {' '.join(flags)} did not finish in {TIMEOUT_S} s"
+        )
+
+
+def test_ensemble_step_resnet20_runs_with_smoke():
+    result = _run_ensemble_step("--smoke", "--model", "resnet20")
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0, tail
+    assert re.search(TABLE_HEADERS["ensemble_step"], result.stdout), tail
+    assert "resnet20:" in result.stdout, tail
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (not a dependency)",
+)
+@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+def test_ensemble_step_matches_pytorch(model):
+    """The JAX Lookaround step (both modes) and the PyTorch loop it is timed
+    against give the same params after one step and after a sync."""
+    result = _run_ensemble_step("--smoke", "--check", "--model", model)
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0, tail
+    assert result.stdout.count(f"check {model}:") == 4, tail
