@@ -231,12 +231,8 @@ def peak_bytes(compiled) -> int:
     )
 
 
-def jax_ensemble(model, mode, params, x, y, mesh=None):
-    """A runner of Lookaround steps with members mapped by ``mode``.
-
-    ``run(steps)`` takes ``steps`` ensemble steps; ``run.params()`` returns
-    the current params.
-    """
+def ensemble_step(model, mode):
+    """The Lookaround optimizer and one ensemble step (not jitted)."""
     opt = optax_wa.lookaround(inner_optimizer(model), sync_period=SYNC)
     grad = members.map_members(jax.grad(make_loss(model)), mode=mode)
 
@@ -245,6 +241,16 @@ def jax_ensemble(model, mode, params, x, y, mesh=None):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    return opt, step
+
+
+def jax_ensemble(model, mode, params, x, y, mesh=None):
+    """A runner of Lookaround steps with members mapped by ``mode``.
+
+    ``run(steps)`` takes ``steps`` ensemble steps; ``run.params()`` returns
+    the current params.
+    """
+    opt, step = ensemble_step(model, mode)
     step = jax.jit(step, donate_argnums=(0, 1))
     params = jax.tree.map(jnp.copy, params)  # donated: each runner owns its copy
     if mesh is not None:
