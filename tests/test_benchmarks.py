@@ -5,10 +5,14 @@ the same table shape as the real run). Each script runs in its own process,
 as a user runs it (``python benchmarks/NAME.py --smoke``, without the test
 suite's 8 fake devices), and must exit with status 0 and print the header of
 its table. A new script needs an entry in ``TABLE_HEADERS``.
+``ensemble_step.py``'s ResNet-20 step is traced in both modes, and only
+where ``torch`` is importable (it is not a dependency) its JAX step and its
+PyTorch loop are checked to compute the same params (``--check``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -84,3 +88,61 @@ def test_script_runs_with_smoke_and_prints_its_table(script):
     assert re.search(header, result.stdout), (
         f"{script.name} --smoke printed no table header /{header}/:\n{tail}"
     )
+
+
+def _run_ensemble_step(*flags: str, timeout: int) -> subprocess.CompletedProcess:
+    script = ROOT / "benchmarks" / "ensemble_step.py"
+    try:
+        return subprocess.run(
+            [sys.executable, str(script), *flags],
+            cwd=ROOT,
+            env=_user_environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ensemble_step.py {' '.join(flags)} did not finish in {timeout} s")
+
+
+@pytest.mark.parametrize("mode", ["vmap", "sequential"])
+def test_ensemble_step_resnet20_traces(mode):
+    """The ResNet-20 ensemble step traces in both modes (shapes only: its
+    ``--smoke`` run compiles for about 20 s of CPU; ``--check`` below runs it)."""
+    import jax
+
+    spec = importlib.util.spec_from_file_location(
+        "ensemble_step", ROOT / "benchmarks" / "ensemble_step.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opt, step = bench.ensemble_step("resnet20", mode)
+    init = jax.vmap(lambda k: bench.init_resnet20(k, width=4))
+    params = jax.eval_shape(init, jax.random.split(jax.random.key(0), 2))
+    state = jax.eval_shape(opt.init, params)
+    x = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jax.numpy.float32)
+    y = jax.ShapeDtypeStruct((2, 4), jax.numpy.int32)
+    new_params, _ = jax.eval_shape(step, params, state, x, y)
+    assert jax.tree.structure(new_params) == jax.tree.structure(params)
+    assert [a.shape for a in jax.tree.leaves(new_params)] == [
+        a.shape for a in jax.tree.leaves(params)
+    ]
+    assert params["stage1_block0"]["short_conv"].shape == (2, 1, 1, 4, 8)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (not a dependency)",
+)
+@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+def test_ensemble_step_matches_pytorch(model):
+    """The JAX Lookaround step (both modes) and the PyTorch loop it is timed
+    against give the same params after one step and after a sync."""
+    # Four compiles of the step (two modes, float32 and float64): about 1 min
+    # of CPU for the ResNet-20.
+    result = _run_ensemble_step(
+        "--smoke", "--check", "--model", model, "--members", "2", timeout=300
+    )
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0, tail
+    assert result.stdout.count(f"check {model}:") == 4, tail
