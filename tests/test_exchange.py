@@ -32,6 +32,9 @@ from optax_wa import _exchange, _numerics
 
 M = 8
 
+# Explicit axes: jax.make_mesh's default in jax 0.10, not in jax 0.8.
+EXPLICIT = (jax.sharding.AxisType.Explicit,)
+
 
 # --- the dense reference ------------------------------------------------------
 
@@ -167,7 +170,7 @@ def _engine(specs, key, m, mode, topology="full", quantize=None):
         named = lambda a, b: run(a, b, "members")
         return jax.jit(jax.vmap(named, axis_name="members"))(arrays, bases)
     devices = 4 if m % 4 == 0 else 2
-    mesh = jax.make_mesh((devices,), ("members",))
+    mesh = jax.make_mesh((devices,), ("members",), axis_types=EXPLICIT)
     with jax.set_mesh(mesh):
         placed = jax.device_put((arrays, bases), NamedSharding(mesh, P("members")))
         if mode == "sharded":  # stacked, member axis split over an explicit mesh

@@ -17,6 +17,9 @@ from optax_wa.shuffling import shuffle_coordinates, wash_layer_probs
 
 M = 8
 
+# Explicit axes: jax.make_mesh's default in jax 0.10, not in jax 0.8.
+EXPLICIT = (jax.sharding.AxisType.Explicit,)
+
 
 def _params(m=M, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
@@ -279,7 +282,7 @@ def test_stacked_equals_named_equals_sharded():
         named_state.inner_state, stacked_state.inner_state, rtol=1e-6, atol=1e-6
     )
 
-    mesh = jax.make_mesh((M,), ("members",))
+    mesh = jax.make_mesh((M,), ("members",), axis_types=EXPLICIT)
     with jax.set_mesh(mesh):
         sharded_params = jax.device_put(params, NamedSharding(mesh, P("members")))
         sharded, _ = _run(_wash(shuffle_opt_state=True), sharded_params)
@@ -291,7 +294,7 @@ def test_stacked_equals_named_equals_sharded():
 def test_named_mode_inside_shard_map_with_several_members_per_device():
     params = _params()
     stacked, _ = _run(_wash(), params)
-    mesh = jax.make_mesh((4,), ("members",))
+    mesh = jax.make_mesh((4,), ("members",), axis_types=EXPLICIT)
 
     def per_device(f):
         inner = jax.vmap(f, axis_name="local")
@@ -314,7 +317,7 @@ def test_named_mode_inside_shard_map_with_several_members_per_device():
 
 
 def test_sharded_update_moves_only_selected_values():
-    mesh = jax.make_mesh((M,), ("members",))
+    mesh = jax.make_mesh((M,), ("members",), axis_types=EXPLICIT)
     full = 100 * 100 * 4  # one member's tensor, float32
     moved = {}
     with jax.set_mesh(mesh):
@@ -601,7 +604,7 @@ _QUANT = jax.jit(
 
 
 def test_quantized_exchange_halves_the_bytes():
-    mesh = jax.make_mesh((M,), ("members",))
+    mesh = jax.make_mesh((M,), ("members",), axis_types=EXPLICIT)
     by = {}
     with jax.set_mesh(mesh):
         params = jax.device_put(
@@ -652,7 +655,7 @@ def test_empty_leaf_is_left_alone():
 
 
 def test_tree_map_params_builds_state_shardings():
-    mesh = jax.make_mesh((M,), ("members",))
+    mesh = jax.make_mesh((M,), ("members",), axis_types=EXPLICIT)
     for opt in (_wash(), _wash(shuffle_opt_state=True, interval=2)):
         params = _params()
         state = opt.init(params)
