@@ -23,25 +23,14 @@ if str(ROOT) not in sys.path:  # the examples are not part of the installed pack
 import tensorflow_datasets as tfds  # noqa: E402
 
 from examples.slimclr import input_pipeline, train  # noqa: E402
-from examples.slimclr.configs import default  # noqa: E402
+from examples.slimclr.configs import tiny  # noqa: E402
 from optax_wa import slimmable as sl  # noqa: E402
 
 NUM_EXAMPLES = 16
 
 
 def _tiny_config(**overrides):
-    config = default.get_config()
-    config.stage_sizes = (1,)
-    config.num_filters = 8
-    config.widths = (1.0, 0.5)
-    config.projection_dim = 8
-    config.batch_size = 8
-    config.num_epochs = 2
-    config.warmup_epochs = 1
-    config.queue_size = 16
-    config.probe_epochs = 1
-    config.probe_batch_size = 8
-    config.save_checkpoint = False
+    config = tiny.get_config()
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
