@@ -117,7 +117,8 @@ def weighted_norm_factors(
     r""":class:`NormFactors` of :math:`\|t \odot x\|_2` over all leaves, in float32.
 
     ``weights[i]`` multiplies ``leaves[i]`` elementwise; ``None`` stands for
-    a weight of 1. Both scales are held constant under differentiation (the
+    a weight of 1 (all ``None``: :func:`global_norm` in the middle factor,
+    one pass less). Both scales are held constant under differentiation (the
     value does not depend on them), so the gradient is that of the norm.
     """
     pairs = [
@@ -125,9 +126,11 @@ def weighted_norm_factors(
         for x, t in zip(leaves, weights)
         if jnp.size(x)
     ]
-    zero = jnp.zeros([], jnp.float32)
+    one = jnp.ones([], jnp.float32)
     if not pairs:
-        return NormFactors(jnp.ones([], jnp.float32), zero, zero)
+        return NormFactors(one, jnp.zeros([], jnp.float32), one)
+    if all(t is None for _, t in pairs):  # no weights: the plain scaled norm
+        return NormFactors(one, global_norm([x for x, _ in pairs]), one)
     weighted = [jnp.asarray(t).astype(jnp.float32) for _, t in pairs if t is not None]
     weight_scale = _max_abs(
         weighted + ([jnp.ones([], jnp.float32)] if len(weighted) < len(pairs) else [])

@@ -243,10 +243,6 @@ def _as_varying(tree, axis_name):
     """
     if axis_name is None:
         return tree
-    pcast = getattr(jax.lax, "pcast", None)
-    if pcast is None:  # jax < 0.9: the same marking is called pvary
-        pvary = jax.lax.pvary
-        pcast = lambda x, names, to: pvary(x, names)  # noqa: E731
     names = _axis_names(axis_name)
 
     def one(x):
@@ -255,7 +251,9 @@ def _as_varying(tree, axis_name):
         if not missing:
             return x
         try:
-            return pcast(x, missing, to="varying")
+            if hasattr(jax.lax, "pcast"):
+                return jax.lax.pcast(x, missing, to="varying")
+            return jax.lax.pvary(x, missing)  # older jax (0.8): the same marking
         except ValueError:  # not under shard_map: nothing to mark
             return x
 
@@ -333,17 +331,6 @@ def _gradient_at(adv_grad_fn, adv_leaves, treedef, o):
     return adv_grad_leaves, adv_loss
 
 
-def _norm_factors(leaves, scales) -> NormFactors:
-    """``|T g|`` as :class:`~optax_wa._numerics.NormFactors`. Where ``T`` is a
-    weight the products ``T g`` are not formed: ``|T' g_adv|`` can pass
-    float32's range (USAM-adaptive at large gradients) while the stable
-    factor ``|T g| / |T' g_adv|`` does not."""
-    if all(t is None for t in scales):
-        one = jnp.ones([], jnp.float32)
-        return NormFactors(one, global_norm(leaves), one)
-    return weighted_norm_factors(leaves, scales)
-
-
 def _gamma(grad_norm, adv_norm: NormFactors, eps, max_scale):
     """``|T g| / (|T' g_adv| + eps)``, capped at ``max_scale`` (clipped at 0)."""
     gamma = ratio_to_norm(grad_norm, adv_norm, eps)
@@ -389,7 +376,9 @@ def _sharpness_step(params, grads, adv_grad_fn, rho, options: _Options):
     # released code takes it before restoring w; or T at the clean params.
     if o.adv_norm_weight == "perturbed":
         scales = _weights(adv_leaves, flags, eta)
-    adv_norm = _norm_factors(adv_grad_leaves, scales)
+    # T' g_adv is never formed: it can pass float32's range (USAM-adaptive at
+    # large gradients) while gamma = |T g| / |T' g_adv| does not.
+    adv_norm = weighted_norm_factors(adv_grad_leaves, scales)
     gamma = _gamma(grad_norm, adv_norm, eps, o.max_scale)
     descent_leaves = (
         [gamma * g for g in adv_grad_leaves] if o.stable else adv_grad_leaves
