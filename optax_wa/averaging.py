@@ -287,11 +287,14 @@ def _pull_targets(ops, is_sync, weight, axis_name):
     def mean_of(ops):
         return members.reduced_member_mean(_moved(ops), axis_name)
 
-    mean_like = jax.eval_shape(mean_of, ops)
-
     def no_mean(ops):
-        del ops
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), mean_like)
+        def zeros(p, u):  # the shape and dtype of mean_of's leaf, no tracing
+            dtype = jnp.promote_types(
+                accumulation_dtype(p.dtype), accumulation_dtype(u.dtype)
+            )
+            return jnp.zeros(p.shape[1:] if axis_name is None else p.shape, dtype)
+
+        return jax.tree.map(zeros, *ops)
 
     mean = jax.lax.cond(is_sync, mean_of, no_mean, ops)
 

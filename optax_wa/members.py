@@ -224,9 +224,9 @@ def _sum_over_members(x: jax.Array) -> jax.Array:
     size = x.shape[0]
     if size > _UNROLL_LIMIT or _member_axis_is_sharded(x):
         return jnp.sum(x.astype(acc_dtype), axis=0)
-    acc = x[0].astype(acc_dtype)
+    acc = jax.lax.index_in_dim(x, 0, keepdims=False).astype(acc_dtype)
     for i in range(1, size):
-        acc = acc + x[i].astype(acc_dtype)
+        acc = acc + jax.lax.index_in_dim(x, i, keepdims=False).astype(acc_dtype)
     return acc
 
 
