@@ -8,7 +8,9 @@ bias), or with ``--resnet20`` ResNet-20's 61 parameter tensors. Each
 optimizer is compiled once in a fresh ``jax.jit`` (no cache shared between
 rows). Rows: the bare optimizer, WASH at ``p = 0.01`` (constant: every
 tensor of a dtype is one flat buffer, one job), with the optimizer state
-shuffled too, Lookaround and PAPA; ``--linear`` adds WASH with the linear
+shuffled too, the least a per-tensor average adds (the member mean and
+the choice between it and the inner update, no ``lax.cond``: a floor, not a
+method), Lookaround and PAPA; ``--linear`` adds WASH with the linear
 depth schedule, one depth per tensor (one job per depth: that program still
 grows with the depth count).
 
@@ -66,14 +68,41 @@ def tree(num_leaves, num_members, resnet20=False, distinct=False):
     return {f"t{i:04d}": jnp.zeros((num_members, *shape(i))) for i in range(num_leaves)}
 
 
+def mean_floor(inner):
+    """Lookaround's arithmetic alone: the inner step, then at a sync step the
+    member mean of ``w + u`` (a plain sum over the member axis, no
+    ``lax.cond``, no float32 rounding care). Not a method: the least any
+    per-tensor average adds to the inner optimizer's program."""
+    per_member = members.per_member(inner)
+
+    def init_fn(params):
+        return per_member.init(params), jnp.zeros([], jnp.int32)
+
+    def update_fn(updates, state, params):
+        inner_state, count = state
+        inner_updates, inner_state = per_member.update(updates, inner_state, params)
+        sync = (count + 1) % 5 == 0
+
+        def one(w, u):
+            mean = (w + u).sum(0) / w.shape[0]
+            return jnp.where(sync, mean - w, u)
+
+        return jax.tree.map(one, params, inner_updates), (inner_state, count + 1)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def compile_time(opt, params):
     state = opt.init(params)
     start = time.perf_counter()
     lowered = jax.jit(opt.update).lower(params, state, params)
     traced = time.perf_counter() - start
     start = time.perf_counter()
-    lowered.compile()
-    return traced, time.perf_counter() - start
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    # Instructions of the optimized program, those inside fusions included.
+    instructions = sum(" = " in line for line in compiled.as_text().splitlines())
+    return traced, seconds, instructions
 
 
 def main():
@@ -98,6 +127,7 @@ def main():
         "wash p=0.01 +opt state": optax_wa.wash(
             inner, shuffle_prob=0.01, shuffle_opt_state=True
         ),
+        "inner + member mean, no cond (floor)": mean_floor(inner),
         "lookaround (sync_period=5)": optax_wa.lookaround(inner, sync_period=5),
         "papa (period=10)": optax_wa.papa(inner, alpha=0.99, period=10),
     }
@@ -109,15 +139,16 @@ def main():
         f"{len(params)} leaves x {args.members} members; jax {jax.__version__}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print("| update | trace+lower s | compile s | total s | ratio |")
-    print("|---|---|---|---|---|")
+    print("| update | trace+lower s | compile s | total s | ratio | HLO instructions |")
+    print("|---|---|---|---|---|---|")
     base = None
     for name, opt in opts.items():
-        traced, compiled = compile_time(opt, params)
+        traced, compiled, instructions = compile_time(opt, params)
         total = traced + compiled
         base = base or total
         print(
-            f"| {name} | {traced:.2f} | {compiled:.2f} | {total:.2f} | {total / base:.1f} |",
+            f"| {name} | {traced:.2f} | {compiled:.2f} | {total:.2f} "
+            f"| {total / base:.1f} | {instructions:,} |",
             flush=True,
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -69,7 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_wa import _numerics, members
+from optax_wa import _numerics
+from optax_wa._permute import permute_members
 
 MAX_BUFFER = 2**29  # values per member of one job (int32 positions, see above)
 _TABLE_MAX = 8  # 8! / 2**32 < 1e-5
@@ -467,7 +468,7 @@ class _Context(NamedTuple):
 
 def _one_round(ctx, carry):
     """Draws the items, gathers their values, permutes them across members
-    (:func:`optax_wa.members.permute_members`), writes back what moved.
+    (:func:`permute_members`), writes back what moved.
     Returns the carry ``(buffers, starts, lasts, more)`` of the next round."""
     bufs, starts, lasts, _ = carry
     lay, jobs, stacked = ctx.lay, ctx.jobs, ctx.axis_name is None
@@ -479,7 +480,7 @@ def _one_round(ctx, carry):
     values, where = _gather(
         bufs, ctx.bases, jobs, drawn.pos, lay, stacked, ctx.quantize
     )
-    shuffled, num_done = members.permute_members(
+    shuffled, num_done = permute_members(
         values,
         drawn.perms[lay.exchanged],
         axis_name=ctx.axis_name,

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_wa
-from optax_wa import _numerics, members, shuffling
+from optax_wa import _numerics, _permute, members, shuffling
 from optax_wa.shuffling import shuffle_coordinates, wash_layer_probs
 
 M = 8
@@ -458,9 +458,9 @@ def test_shuffle_opt_state_must_be_a_bool():
 
 def test_permute_members_stacked_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(K, M\)"):
-        members.permute_members(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
+        _permute.permute_members(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="stacked values"):
-        members.permute_members(jnp.zeros((2, 4)), jnp.zeros((3, 2), jnp.int32))
+        _permute.permute_members(jnp.zeros((2, 4)), jnp.zeros((3, 2), jnp.int32))
 
 
 # --- the reference simulator's options --------------------------------------------
