@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_wa import _numerics
-from optax_wa._sharding import explicit_member_axes
+from optax_wa._member_axis import explicit_member_axes
 
 __all__ = ["permute_members"]
 

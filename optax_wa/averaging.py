@@ -269,15 +269,25 @@ def _released_pairs(num: int, key: jax.Array) -> jax.Array:
 # instead of being bitwise equal.
 
 
-def _acc(x):
-    """``x`` in accumulation precision (float32 for bfloat16/float16)."""
-    return x.astype(accumulation_dtype(x.dtype))
+# The per-tensor helpers below are written in lax, not jnp: a jnp operator
+# is a jitted function, traced again for every new shape, which for a model
+# of hundreds of tensors is seconds of tracing per compile.
+
+
+def _acc_dtype(p, u):
+    """The dtype of ``n = w + u``: accumulation precision of both."""
+    return jnp.promote_types(accumulation_dtype(p.dtype), accumulation_dtype(u.dtype))
 
 
 def _moved(ops):
     """``n_i = w_i + u_i`` for every member, in accumulation precision."""
-    params, inner_updates = ops
-    return jax.tree.map(lambda p, u: _acc(p) + _acc(u), params, inner_updates)
+
+    def one(p, u):
+        dtype = _acc_dtype(p, u)
+        convert = jax.lax.convert_element_type
+        return jax.lax.add(convert(p, dtype), convert(u, dtype))
+
+    return jax.tree.map(one, *ops)
 
 
 def _pull_targets(ops, is_sync, weight, axis_name):
@@ -289,10 +299,8 @@ def _pull_targets(ops, is_sync, weight, axis_name):
 
     def no_mean(ops):
         def zeros(p, u):  # the shape and dtype of mean_of's leaf, no tracing
-            dtype = jnp.promote_types(
-                accumulation_dtype(p.dtype), accumulation_dtype(u.dtype)
-            )
-            return jnp.zeros(p.shape[1:] if axis_name is None else p.shape, dtype)
+            shape = p.shape[1:] if axis_name is None else p.shape
+            return jnp.zeros(shape, _acc_dtype(p, u))
 
         return jax.tree.map(zeros, *ops)
 
@@ -302,8 +310,8 @@ def _pull_targets(ops, is_sync, weight, axis_name):
         m = members.broadcast_to_members(m, p, axis_name)
         if weight is None:
             return m
-        w = weight.astype(n.dtype)
-        return w * n + (1 - w) * m
+        a = weight.astype(n.dtype)
+        return jax.lax.add(jax.lax.mul(a, n), jax.lax.mul(1 - a, m))
 
     return jax.tree.map(target, _moved(ops), mean, ops[0])
 
@@ -320,10 +328,12 @@ def _pair_targets(ops, is_sync, pairs, axis_name):
 
 def _sync_or_inner_updates(is_sync, targets, params, inner_updates):
     """``round(t_i) - w_i`` at a sync, ``u_i`` elsewhere; float32 for bfloat16."""
+    convert = jax.lax.convert_element_type
 
     def one(t, p, u):
-        rounded = t.astype(p.dtype).astype(t.dtype)
-        return jnp.where(is_sync, rounded - _acc(p), _acc(u))
+        rounded = convert(convert(t, p.dtype), t.dtype)
+        at_sync = jax.lax.sub(rounded, convert(p, t.dtype))
+        return jax.lax.select(is_sync, at_sync, convert(u, t.dtype))
 
     return jax.tree.map(one, targets, params, inner_updates)
 

@@ -1,5 +1,5 @@
-"""Where the member axis lives on an explicit mesh (shared by members.py and
-the exchange engine)."""
+"""Private helpers of the member axis shared by members.py, map_members and
+the exchange: how many members are unrolled, where the axis lives on a mesh."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding
 
-__all__ = ["explicit_member_axes"]
+__all__ = ["UNROLL_LIMIT", "explicit_member_axes"]
+
+# Above this many members, a sum or a map over the member axis is rolled
+# (a reduction, a loop) instead of unrolled.
+UNROLL_LIMIT = 32
 
 
 def explicit_member_axes(x) -> tuple[Any, tuple[str, ...]] | None:
