@@ -146,7 +146,7 @@ def map_members(fn: Callable, in_axes: Any = 0, *, mode: str = "auto") -> Callab
       =========  ==========  ==========  ============  ================
       backend    vmap        sequential  single model  ``"auto"``
       =========  ==========  ==========  ============  ================
-      cpu        2.31x       1.02x       1.00x         ``"sequential"``
+      cpu        2.46x       0.86x       1.00x         ``"sequential"``
       others     --          --          --            ``"vmap"``
       =========  ==========  ==========  ============  ================
 

@@ -497,7 +497,7 @@ def _np_block(block, x, width, bottleneck, pad):
     return relu(shortcut + y)
 
 
-@pytest.mark.parametrize("block_cls", [sl.models.BasicBlock, sl.models.Bottleneck])
+@pytest.mark.parametrize("block_cls", [sl.resnet.BasicBlock, sl.resnet.Bottleneck])
 @pytest.mark.parametrize("size", [8, 7])
 def test_stride2_block_equals_released_padding(block_cls, size):
     """A stride-2 block == NumPy with padding (1, 1) (not Flax "SAME"'s (0, 1)).
@@ -505,7 +505,7 @@ def test_stride2_block_equals_released_padding(block_cls, size):
     All BN scales are random (the zero-initialized last scale would hide the
     residual branch); even and odd input sizes, both widths.
     """
-    bottleneck = block_cls is sl.models.Bottleneck
+    bottleneck = block_cls is sl.resnet.Bottleneck
     block = _randomize(block_cls(8, 4, 2, WIDTHS, rngs=_rngs(0)), 3)
     for width in WIDTHS:
         c_in = sl.slim_size(8, width)

@@ -30,12 +30,13 @@ from optax_wa.slimmable.losses import (
     nt_xent,
 )
 from optax_wa.slimmable.models import (
-    SlimmableAttention,
     SlimmableCNN1D,
+    SlimmableEncoder,
     SlimmableMLP,
     SlimmableProjectionHead,
+)
+from optax_wa.slimmable.resnet import (
     SlimmableResNet,
-    SlimmableViT,
     slimmable_resnet18_cifar,
     slimmable_resnet50,
 )
@@ -56,6 +57,7 @@ from optax_wa.slimmable.training import (
     update_key_encoder,
     weighted_value_and_grad,
 )
+from optax_wa.slimmable.vit import SlimmableAttention, SlimmableViT
 
 __all__ = [
     "FreezeUntilState",
@@ -64,6 +66,7 @@ __all__ = [
     "SlimmableAttention",
     "SlimmableCNN1D",
     "SlimmableConv",
+    "SlimmableEncoder",
     "SlimmableGradStatsState",
     "SlimmableLinear",
     "SlimmableMLP",

@@ -42,6 +42,8 @@ Initializer = Callable[..., Array]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 zeros_init = nnx.initializers.zeros_init()
+# He initialization for convolutions followed by ReLU (fan-out, as torchvision).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 ones_init = nnx.initializers.ones_init()
 
 # Tolerates float error in ``features * width`` (e.g. ``10 * 0.7``).
