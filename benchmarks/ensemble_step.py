@@ -45,6 +45,7 @@ the peak memory of each compiled JAX step (``memory_analysis()``: arguments
 
     python benchmarks/ensemble_step.py [--model cnn|resnet20] [--members 3]
         [--batch 64] [--rounds 7] [--steps 5] [--smoke] [--check] [--profile]
+        [--conv-layout nhwc|nchw]
 
 ``--smoke``: tiny settings (CNN channels 3->4->8->8, ResNet-20 width 4,
 batch 8, 2 rounds), without torch.
@@ -59,7 +60,9 @@ head-step spends its time, JAX against PyTorch on one member's batch:
 forward (loss), forward + backward (gradient), the optimizer update, and
 every convolution of the model timed alone (forward, input gradient, weight
 gradient; grouped by shape), the rest of forward + backward being the
-gradient's time less the convolutions'.
+gradient's time less the convolutions'. ``--conv-layout nchw`` times each
+convolution alone in NCHW images and OIHW kernels instead (the models and
+their rows stay NHWC, so "rest" is then not meaningful).
 """
 
 from __future__ import annotations
@@ -96,11 +99,16 @@ CHECK_TOL = 1e-4
 _CONV_LOG: list | None = None
 
 
-def _conv(x, w, stride, padding):
+# Dimension numbers of the models' convolutions, and of the alternative
+# layout that ``--profile --conv-layout nchw`` times each convolution in.
+LAYOUTS = {"nhwc": ("NHWC", "HWIO", "NHWC"), "nchw": ("NCHW", "OIHW", "NCHW")}
+
+
+def _conv(x, w, stride, padding, layout="nhwc"):
     if _CONV_LOG is not None:
         _CONV_LOG.append((tuple(x.shape), tuple(w.shape), stride, padding))
     return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, w, (stride, stride), padding, dimension_numbers=LAYOUTS[layout]
     )
 
 
@@ -483,11 +491,11 @@ def _median_ms(fns, reps):
     return [float(np.median(t)) for t in times]
 
 
-def _jax_conv_pieces(stride, padding):
+def _jax_conv_pieces(stride, padding, layout="nhwc"):
     """A convolution's forward, input gradient and weight gradient."""
 
     def forward(a, w):
-        return _conv(a, w, stride, padding)
+        return _conv(a, w, stride, padding, layout)
 
     def input_grad(a, w, g):
         return jax.vjp(lambda a: forward(a, w), a)[1](g)[0]
@@ -521,8 +529,11 @@ def _torch_conv_pieces(ta, tw, tg, stride, pad):
     )
 
 
-def profile(model, params, x, y, threads, reps):
-    """Where one model's head-step spends its time, JAX against PyTorch."""
+def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
+    """Where one model's head-step spends its time, JAX against PyTorch.
+
+    ``conv_layout="nchw"`` times each convolution alone in NCHW images and
+    OIHW kernels instead (the whole-model rows stay NHWC)."""
     global _CONV_LOG
     loss_fn = make_loss(model)
     opt = inner_optimizer(model)
@@ -563,6 +574,9 @@ def profile(model, params, x, y, threads, reps):
         wa = jax.random.normal(jax.random.key(4), ws)
         out = _conv(xa, wa, stride, padding)
         ga = jax.random.normal(jax.random.key(5), out.shape)
+        if conv_layout == "nchw":
+            xa, ga = xa.transpose(0, 3, 1, 2), ga.transpose(0, 3, 1, 2)
+            wa = wa.transpose(3, 2, 0, 1)
         name = (
             f"{ws[0]}x{ws[1]} conv {ws[2]}->{ws[3]}, {xs[1]}x{xs[2]}, stride {stride}"
         )
@@ -571,7 +585,7 @@ def profile(model, params, x, y, threads, reps):
             [
                 jax_timer(f, *args)
                 for f, args in zip(
-                    _jax_conv_pieces(stride, padding),
+                    _jax_conv_pieces(stride, padding, conv_layout),
                     ((xa, wa), (xa, wa, ga), (xa, wa, ga)),
                 )
             ],
@@ -638,7 +652,8 @@ def profile(model, params, x, y, threads, reps):
 
     print(
         f"profile {model}: one model, batch {x0.shape[0]}, {reps} interleaved "
-        f"repetitions, median ms; XLA cost analysis of the gradient: "
+        f"repetitions, convolutions alone in {conv_layout.upper()}, median ms; "
+        "XLA cost analysis of the gradient: "
         f"{flops / 1e9:.2f} GFLOP ({flops / 1e6 / grad_ms[0]:.1f} GFLOP/s in JAX)"
     )
     head = "| piece | JAX ms |" + (
@@ -680,6 +695,12 @@ def main():
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reps", type=int, default=20, help="--profile repetitions")
+    parser.add_argument(
+        "--conv-layout",
+        choices=sorted(LAYOUTS),
+        default="nhwc",
+        help="--profile: the layout each convolution is timed alone in",
+    )
     args = parser.parse_args()
     if args.smoke:  # tiny models, JAX contestants only
         args.batch, args.rounds, args.steps, args.no_torch = 8, 2, SYNC, True
@@ -702,7 +723,7 @@ def main():
         sys.exit(0 if ok else 1)
     if args.profile:
         print(f"load before {os.getloadavg()[0]:.1f}")
-        profile(args.model, params, x, y, args.threads, args.reps)
+        profile(args.model, params, x, y, args.threads, args.reps, args.conv_layout)
         print(f"load after {os.getloadavg()[0]:.1f}")
         return
 
