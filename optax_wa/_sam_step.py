@@ -24,6 +24,16 @@ from optax_wa._numerics import (
     weighted_norm_factors,
 )
 
+__all__ = [
+    "SamInfo",
+    "as_varying",
+    "check_bools",
+    "check_real_floating",
+    "make_options",
+    "params_rewriting_state",
+    "sharpness_step",
+]
+
 PyTree = Any
 
 _PERTURBATIONS = ("sam", "usam")
@@ -35,7 +45,7 @@ class SamInfo(NamedTuple):
     All fields are float32 scalars (per member when vmapped over an ensemble).
     With ``adaptive=True`` the two norms are the weighted norms
     :math:`\\|T g\\|` and :math:`\\|T' g_{adv}\\|` (see
-    :func:`sam_value_and_grad`). In data-parallel use with
+    :func:`optax_wa.sam_value_and_grad`). In data-parallel use with
     per-device ascent (``axis_name`` set, ``sync_ascent=False``) every field
     is the mean over devices of the per-device values.
 
@@ -48,7 +58,7 @@ class SamInfo(NamedTuple):
         ``inf`` where it lies beyond float32's range (``gamma`` is then
         still the finite ratio, computed without forming the norm).
       adv_loss: the loss at the perturbed params; ``None`` in the state of
-        :func:`sharpness_aware`, whose ``grad_fn`` returns no loss.
+        :func:`optax_wa.sharpness_aware`, whose ``grad_fn`` returns no loss.
     """
 
     gamma: jax.Array
