@@ -4,6 +4,9 @@ Two models (``--model``):
 
 * ``cnn`` (default): a small CNN (conv 3->32->64->128, 3x3, ReLU and 2x2
   max-pool after each, global mean pool, dense 128->10: 94,538 params);
+  ``--pool reshape`` writes its max pools as a reshape and a max instead of
+  ``lax.reduce_window`` (the same maxima and gradients, a faster gradient
+  on XLA:CPU);
 * ``resnet20``: a CIFAR ResNet-20 (3x3 stem conv to 16 channels, then 3
   stages of 3 BasicBlocks with 16/32/64 channels, the first block of stages 2
   and 3 with stride 2; 3x3 convs without bias, padded by 1 on each side as
@@ -45,7 +48,7 @@ the peak memory of each compiled JAX step (``memory_analysis()``: arguments
 
     python benchmarks/ensemble_step.py [--model cnn|resnet20] [--members 3]
         [--batch 64] [--rounds 7] [--steps 5] [--smoke] [--check] [--profile]
-        [--conv-layout nhwc|nchw]
+        [--conv-layout nhwc|nchw] [--pool reduce_window|reshape]
 
 ``--smoke``: tiny settings (CNN channels 3->4->8->8, ResNet-20 width 4,
 batch 8, 2 rounds), without torch.
@@ -97,6 +100,7 @@ CHECK_TOL = 1e-4
 # (shape of x, shape of w, stride, padding) of every convolution traced while
 # this is a list (``--profile``).
 _CONV_LOG: list | None = None
+_POOL_LOG: list | None = None  # input shapes of the max pools, the same way
 
 
 # Dimension numbers of the models' convolutions, and of the alternative
@@ -109,6 +113,27 @@ def _conv(x, w, stride, padding, layout="nhwc"):
         _CONV_LOG.append((tuple(x.shape), tuple(w.shape), stride, padding))
     return jax.lax.conv_general_dilated(
         x, w, (stride, stride), padding, dimension_numbers=LAYOUTS[layout]
+    )
+
+
+# How the CNN's 2x2 max pools are written (``--pool``): "reduce_window", as
+# Flax's ``nnx.max_pool`` writes them, or "reshape": the same maxima over a
+# reshape, whose gradient XLA:CPU computes elementwise instead of with the
+# much slower ``select_and_scatter`` (the same gradients: they differ only
+# where a window holds tied maxima, after a ReLU only at 0, where no gradient
+# flows back).
+POOL = {"mode": "reduce_window"}
+
+
+def _max_pool(x):
+    """2x2 max pooling, stride 2, NHWC (``F.max_pool2d(x, 2)``)."""
+    if _POOL_LOG is not None:
+        _POOL_LOG.append(tuple(x.shape))
+    if POOL["mode"] == "reshape":
+        n, h, w, c = x.shape
+        return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
     )
 
 
@@ -134,10 +159,7 @@ def cnn_apply(params, x):
     """NHWC forward pass of the CNN."""
     for i in range(len(params) - 1):
         layer = params[f"conv{i}"]
-        x = jax.nn.relu(_conv(x, layer["w"], 1, "SAME") + layer["b"])
-        x = jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
-        )
+        x = _max_pool(jax.nn.relu(_conv(x, layer["w"], 1, "SAME") + layer["b"]))
     return x.mean(axis=(1, 2)) @ params["head"]["w"] + params["head"]["b"]
 
 
@@ -534,14 +556,14 @@ def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
 
     ``conv_layout="nchw"`` times each convolution alone in NCHW images and
     OIHW kernels instead (the whole-model rows stay NHWC)."""
-    global _CONV_LOG
+    global _CONV_LOG, _POOL_LOG
     loss_fn = make_loss(model)
     opt = inner_optimizer(model)
     p0 = jax.tree.map(lambda a: a[0], params)
     x0, y0 = x[0], y[0]
-    _CONV_LOG = []
+    _CONV_LOG, _POOL_LOG = [], []
     jax.eval_shape(loss_fn, p0, x0, y0)
-    convs, _CONV_LOG = _CONV_LOG, None
+    (convs, _CONV_LOG), (pools, _POOL_LOG) = (_CONV_LOG, None), (_POOL_LOG, None)
     shapes = {}
     for spec in convs:
         shapes[spec] = shapes.get(spec, 0) + 1
@@ -595,6 +617,22 @@ def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
         first = (xs, ws, stride, padding) == convs[0]
         calls[name] = (count, count - first, count)
 
+    # The max pools, forward and backward (the gradient w.r.t. their input).
+    pool_inputs = [jax.random.normal(jax.random.key(6), shape) for shape in pools]
+    pool_grads = [
+        jax.random.normal(jax.random.key(7), _max_pool(a).shape) for a in pool_inputs
+    ]
+    pool_rows = {
+        "forward": [jax_timer(lambda *xs: [_max_pool(a) for a in xs], *pool_inputs)],
+        "backward": [
+            jax_timer(
+                lambda xs, gs: [jax.vjp(_max_pool, a)[1](g)[0] for a, g in zip(xs, gs)],
+                pool_inputs,
+                pool_grads,
+            )
+        ],
+    }
+
     have_torch = True
     try:
         import torch
@@ -635,6 +673,20 @@ def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
             tg = torch.randn(oshape[0], oshape[3], oshape[1], oshape[2])
             pad = 0 if padding == "VALID" else 1
             row += _torch_conv_pieces(ta, tw, tg, stride, pad)
+        tpool = [torch.randn(s[0], s[3], s[1], s[2], requires_grad=True) for s in pools]
+        touts = [F.max_pool2d(a, 2) for a in tpool]
+        tpool_grads = [torch.randn_like(o) for o in touts]
+
+        def t_pool_forward():
+            with torch.no_grad():
+                for a in tpool:
+                    F.max_pool2d(a, 2)
+
+        def t_pool_backward():  # the backward alone, as XLA's select_and_scatter
+            torch.autograd.grad(touts, tpool, tpool_grads, retain_graph=True)
+
+        pool_rows["forward"].append(t_pool_forward)
+        pool_rows["backward"].append(t_pool_backward)
 
     measured = {name: _median_ms(fns, reps) for name, fns in rows.items()}
     conv_ms = {
@@ -647,8 +699,18 @@ def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
         for k in range(3):
             for s in range(sides):
                 totals[k][s] += counts[k] * conv_ms[name][k][s]
+    pool_ms = (
+        {name: _median_ms(fns, reps) for name, fns in pool_rows.items()}
+        if pools
+        else {}
+    )
     grad_ms = measured["forward + backward (gradient)"]
-    rest = [grad_ms[s] - sum(totals[k][s] for k in range(3)) for s in range(sides)]
+    rest = [
+        grad_ms[s]
+        - sum(totals[k][s] for k in range(3))
+        - sum(ms[s] for ms in pool_ms.values())
+        for s in range(sides)
+    ]
 
     print(
         f"profile {model}: one model, batch {x0.shape[0]}, {reps} interleaved "
@@ -671,6 +733,8 @@ def profile(model, params, x, y, threads, reps, conv_layout="nhwc"):
         line(name, vals)
     for k, what in enumerate(("forward", "input gradient", "weight gradient")):
         line(f"all {len(convs)} convolutions, {what}", totals[k])
+    for what, vals in pool_ms.items():
+        line(f"all {len(pools)} max pools, {what}", vals)
     line("rest of forward + backward", rest)
     for name, counts in calls.items():
         for k, what in enumerate(("fwd", "d input", "d weight")):
@@ -694,6 +758,12 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--pool",
+        choices=("reduce_window", "reshape"),
+        default="reduce_window",
+        help="how the CNN's max pools are written (see POOL)",
+    )
     parser.add_argument("--reps", type=int, default=20, help="--profile repetitions")
     parser.add_argument(
         "--conv-layout",
@@ -702,6 +772,7 @@ def main():
         help="--profile: the layout each convolution is timed alone in",
     )
     args = parser.parse_args()
+    POOL["mode"] = args.pool
     if args.smoke:  # tiny models, JAX contestants only
         args.batch, args.rounds, args.steps, args.no_torch = 8, 2, SYNC, True
         args.width, args.reps = 4, 2
@@ -769,7 +840,8 @@ def main():
     load = os.getloadavg()[0]
     print(
         f"{args.model}: {n_params} params per member, {num} members, batch "
-        f"{args.batch}, {args.rounds} rounds x {args.steps} steps, jax "
+        f"{args.batch}, {args.rounds} rounds x {args.steps} steps, "
+        f"{'pools ' + args.pool + ', ' if args.model == 'cnn' else ''}jax "
         f"{jax.__version__}, {len(jax.devices())} devices, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"load {load_before:.1f} before, {load:.1f} after"
