@@ -66,32 +66,11 @@ def test_every_script_has_a_table_header():
     assert not missing, f"add the table header of {missing} to TABLE_HEADERS"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.stem)
-def test_script_runs_with_smoke_and_prints_its_table(script):
-    try:
-        result = subprocess.run(
-            [sys.executable, str(script), "--smoke"],
-            cwd=ROOT,
-            env=_user_environment(),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{script.name} --smoke did not finish in {TIMEOUT_S} s")
-    tail = (result.stdout + result.stderr)[-3000:]
-    assert result.returncode == 0, (
-        f"{script.name} --smoke exited {result.returncode}:\n{tail}"
-    )
-    header = TABLE_HEADERS.get(script.stem)
-    assert header is not None, f"add the table header of {script.stem} to TABLE_HEADERS"
-    assert re.search(header, result.stdout), (
-        f"{script.name} --smoke printed no table header /{header}/:\n{tail}"
-    )
-
-
-def _run_ensemble_step(*flags: str, timeout: int) -> subprocess.CompletedProcess:
-    script = ROOT / "benchmarks" / "ensemble_step.py"
+def _run_script(
+    script: pathlib.Path, *flags: str, timeout: int
+) -> subprocess.CompletedProcess:
+    """Runs ``python benchmarks/SCRIPT.py FLAGS`` as a user does; fails the test
+    when it does not finish in ``timeout`` seconds."""
     try:
         return subprocess.run(
             [sys.executable, str(script), *flags],
@@ -102,7 +81,21 @@ def _run_ensemble_step(*flags: str, timeout: int) -> subprocess.CompletedProcess
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"ensemble_step.py {' '.join(flags)} did not finish in {timeout} s")
+        pytest.fail(f"{script.name} {' '.join(flags)} did not finish in {timeout} s")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.stem)
+def test_script_runs_with_smoke_and_prints_its_table(script):
+    result = _run_script(script, "--smoke", timeout=TIMEOUT_S)
+    tail = (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == 0, (
+        f"{script.name} --smoke exited {result.returncode}:\n{tail}"
+    )
+    header = TABLE_HEADERS.get(script.stem)
+    assert header is not None, f"add the table header of {script.stem} to TABLE_HEADERS"
+    assert re.search(header, result.stdout), (
+        f"{script.name} --smoke printed no table header /{header}/:\n{tail}"
+    )
 
 
 @pytest.mark.parametrize("mode", ["vmap", "sequential"])
@@ -140,8 +133,15 @@ def test_ensemble_step_matches_pytorch(model):
     against give the same params after one step and after a sync."""
     # Four compiles of the step (two modes, float32 and float64): about 1 min
     # of CPU for the ResNet-20.
-    result = _run_ensemble_step(
-        "--smoke", "--check", "--model", model, "--members", "2", timeout=300
+    result = _run_script(
+        ROOT / "benchmarks" / "ensemble_step.py",
+        "--smoke",
+        "--check",
+        "--model",
+        model,
+        "--members",
+        "2",
+        timeout=300,
     )
     tail = (result.stdout + result.stderr)[-3000:]
     assert result.returncode == 0, tail
