@@ -22,8 +22,14 @@ gives every leaf its own shape (the last dimension grows with the index),
 as in a real network, where the bare optimizer compiles a kernel per leaf
 too.
 
+Timing: one compile of a small tree first (the process's one-time costs),
+then ``--rounds`` rounds (default 3) that compile every row in turn, every
+other round in reverse order, each after ``jax.clear_caches()``; the table
+shows each row's medians over the rounds and the ratio of its median total
+to the bare optimizer's.
+
 Run: ``python benchmarks/wash_compile.py [--leaves 600] [--members 4]
-[--distinct-shapes]``,
+[--distinct-shapes] [--rounds 3]``,
 ``python benchmarks/wash_compile.py --resnet20 [--linear]``; ``--smoke``:
 12 leaves, the same table.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -93,6 +100,7 @@ def mean_floor(inner):
 
 
 def compile_time(opt, params):
+    jax.clear_caches()
     state = opt.init(params)
     start = time.perf_counter()
     lowered = jax.jit(opt.update).lower(params, state, params)
@@ -114,10 +122,11 @@ def main():
     parser.add_argument(
         "--distinct-shapes", action="store_true", help="no two leaves alike"
     )
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny settings")
     args = parser.parse_args()
     if args.smoke:
-        args.leaves = 12
+        args.leaves, args.rounds = 12, 1
     params = tree(args.leaves, args.members, args.resnet20, args.distinct_shapes)
     inner = optax.sgd(0.1, momentum=0.9)
     depth_order = [(name,) for name in params]  # one depth per tensor
@@ -137,18 +146,25 @@ def main():
         )
     print(
         f"{len(params)} leaves x {args.members} members; jax {jax.__version__}; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"median of {args.rounds} rounds"
     )
+    compile_time(opts["inner (vmapped sgd+momentum)"], tree(4, args.members))
+    times = {name: [] for name in opts}
+    for round_ in range(args.rounds):
+        order = list(opts) if round_ % 2 == 0 else list(opts)[::-1]
+        for name in order:
+            times[name].append(compile_time(opts[name], params))
     print("| update | trace+lower s | compile s | total s | ratio | HLO instructions |")
     print("|---|---|---|---|---|---|")
-    base = None
-    for name, opt in opts.items():
-        traced, compiled, instructions = compile_time(opt, params)
-        total = traced + compiled
-        base = base or total
+    base = statistics.median(t + c for t, c, _ in times["inner (vmapped sgd+momentum)"])
+    for name, rows in times.items():
+        traced = statistics.median(t for t, _, _ in rows)
+        compiled = statistics.median(c for _, c, _ in rows)
+        total = statistics.median(t + c for t, c, _ in rows)
         print(
             f"| {name} | {traced:.2f} | {compiled:.2f} | {total:.2f} "
-            f"| {total / base:.1f} | {instructions:,} |",
+            f"| {total / base:.1f} | {rows[0][2]:,} |",
             flush=True,
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")

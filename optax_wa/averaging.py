@@ -253,6 +253,14 @@ def _released_pairs(num: int, key: jax.Array) -> jax.Array:
 # update and with apply_updates into one pass; an output of a cond is a
 # buffer of its own and fuses with nothing. The branch operands are (w, u),
 # not n, so that an off-sync step does not pay for the sum n = w + u either.
+# The sync flag and the weight a that the select and the weighted sum read
+# are outputs of the cond too (True and a from the mean's branch, False and
+# an unused 1 from the other): XLA copies the arithmetic of a scalar into
+# every kernel that reads it, so a flag computed from the count outside the
+# cond would put the schedule's arithmetic (the count's remainder, alpha's
+# clip) into each tensor's kernel; read from the cond it is one parameter.
+# On 600 tensors that is 4,800 fewer instructions to compile for Lookaround
+# (benchmarks/README.md, "Compile time").
 # PAPA-2's pairs are a gather of whole members, so that branch returns the
 # whole ensemble; its zeros branch takes zeros_like of n, which keeps n's
 # split of the member axis across devices (XLA drops the unused sum).
@@ -291,37 +299,43 @@ def _moved(ops):
 
 
 def _pull_targets(ops, is_sync, weight, axis_name):
-    """``t_i = a n_i + (1 - a) m`` (``weight=None``: ``t_i = m``); zeros for
-    ``m`` off-sync, where the caller's select discards ``t``."""
+    """``(t, is_sync)``: ``t_i = a n_i + (1 - a) m`` (``weight=None``:
+    ``t_i = m``), with zeros for ``m`` off-sync, where the caller's select
+    discards ``t``; the flag and ``a`` come out of the cond (see above)."""
 
-    def mean_of(ops):
-        return members.reduced_member_mean(_moved(ops), axis_name)
+    def mean_of(ops, weight):
+        return members.reduced_member_mean(_moved(ops), axis_name), True, weight
 
-    def no_mean(ops):
+    def no_mean(ops, weight):
         def zeros(p, u):  # the shape and dtype of mean_of's leaf, no tracing
             shape = p.shape[1:] if axis_name is None else p.shape
-            return jnp.zeros(shape, _acc_dtype(p, u))
+            return jax.lax.full(shape, 0, _acc_dtype(p, u))
 
-        return jax.tree.map(zeros, *ops)
+        unused = None if weight is None else jnp.ones_like(weight)
+        return jax.tree.map(zeros, *ops), False, unused
 
-    mean = jax.lax.cond(is_sync, mean_of, no_mean, ops)
+    mean, is_sync, weight = jax.lax.cond(is_sync, mean_of, no_mean, ops, weight)
+    if weight is None:
+        return jax.tree.map(
+            lambda m, p: members.broadcast_to_members(m, p, axis_name), mean, ops[0]
+        ), is_sync
 
-    def target(n, m, p):
-        m = members.broadcast_to_members(m, p, axis_name)
-        if weight is None:
-            return m
-        a = weight.astype(n.dtype)
-        return jax.lax.add(jax.lax.mul(a, n), jax.lax.mul(1 - a, m))
+    def target(n, m):
+        m = members.broadcast_to_members(m, n, axis_name)
+        a = jax.lax.convert_element_type(weight, n.dtype)
+        b = jax.lax.sub(jax.lax.full((), 1, n.dtype), a)
+        return jax.lax.add(jax.lax.mul(a, n), jax.lax.mul(b, m))
 
-    return jax.tree.map(target, _moved(ops), mean, ops[0])
+    return jax.tree.map(target, _moved(ops), mean), is_sync
 
 
 def _pair_targets(ops, is_sync, pairs, axis_name):
-    """``t_i = (n_{p_i} + n_{q_i}) / 2`` at a sync; zeros, split as ``n``, elsewhere."""
+    """``(t, is_sync)``: ``t_i = (n_{p_i} + n_{q_i}) / 2`` at a sync; zeros,
+    split as ``n``, elsewhere."""
     return jax.lax.cond(
         is_sync,
-        lambda ops: members.pair_mean(_moved(ops), pairs, axis_name),
-        lambda ops: jax.tree.map(jnp.zeros_like, _moved(ops)),
+        lambda ops: (members.pair_mean(_moved(ops), pairs, axis_name), True),
+        lambda ops: (jax.tree.map(jnp.zeros_like, _moved(ops)), False),
         ops,
     )
 
@@ -383,12 +397,12 @@ def _periodic_average(
         ops = (params, inner_updates)
         if combine == "pull":
             weight = None if alpha is None else _alpha_at(alpha, count)
-            targets = _pull_targets(ops, is_sync, weight, axis_name)
+            targets, sync_now = _pull_targets(ops, is_sync, weight, axis_name)
         else:
             key = jax.random.fold_in(jax.random.key(seed), count)
             pairs = _released_pairs(_num_members(params, axis_name), key)
-            targets = _pair_targets(ops, is_sync, pairs, axis_name)
-        new_updates = _sync_or_inner_updates(is_sync, targets, params, inner_updates)
+            targets, sync_now = _pair_targets(ops, is_sync, pairs, axis_name)
+        new_updates = _sync_or_inner_updates(sync_now, targets, params, inner_updates)
         if state_policy != "keep":
             averaged = jax.tree.map(lambda t, p: t.astype(p.dtype), targets, params)
             inner_state = jax.lax.cond(

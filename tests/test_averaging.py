@@ -653,6 +653,31 @@ def test_donated_inner_state_is_updated_in_place(factory):
     assert not [s for s in copied_shapes if s.startswith("f32[4,")], copied_shapes
 
 
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optax_wa.lookaround(optax.sgd(0.1, momentum=0.9), sync_period=5),
+        optax_wa.papa(
+            optax.sgd(0.1), alpha=optax.linear_schedule(0.5, 0.9, 20), period=3
+        ),
+    ],
+    ids=["lookaround", "papa"],
+)
+def test_per_tensor_kernels_read_the_sync_flag_not_the_count(opt):
+    """The schedule's arithmetic is compiled once, not into every tensor's
+    kernel: no fused computation over a member-stacked tensor takes an
+    integer scalar (the count, or its remainder) as a parameter."""
+    params = {f"t{i}": jnp.ones((4, 3 + i, 5)) for i in range(5)}
+    hlo = (
+        jax.jit(opt.update).lower(params, opt.init(params), params).compile().as_text()
+    )
+    heads = re.findall(r"^%(\S+) \((.*)\) -> (\S+) \{$", hlo, flags=re.M)
+    per_tensor = [(name, args) for name, args, out in heads if out.startswith("f32[4,")]
+    assert len(per_tensor) >= len(params), heads  # the check sees the kernels
+    reading_ints = [name for name, args in per_tensor if re.search(r": s32\[\]", args)]
+    assert not reading_ints, reading_ints
+
+
 _PERIOD_TWO = {
     optax_wa.lookaround: {"sync_period": 2},
     optax_wa.papa: {"period": 2, "alpha": 0.5},
