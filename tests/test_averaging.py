@@ -660,8 +660,9 @@ def test_donated_inner_state_is_updated_in_place(factory):
         optax_wa.papa(
             optax.sgd(0.1), alpha=optax.linear_schedule(0.5, 0.9, 20), period=3
         ),
+        optax_wa.papa(optax.sgd(0.1), period=3, combine="pair_half"),
     ],
-    ids=["lookaround", "papa"],
+    ids=["lookaround", "papa", "papa-2"],
 )
 def test_per_tensor_kernels_read_the_sync_flag_not_the_count(opt):
     """The schedule's arithmetic is compiled once, not into every tensor's
