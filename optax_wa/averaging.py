@@ -260,7 +260,7 @@ def _released_pairs(num: int, key: jax.Array) -> jax.Array:
 # cond would put the schedule's arithmetic (the count's remainder, alpha's
 # clip) into each tensor's kernel; read from the cond it is one parameter.
 # On 600 tensors that is 4,800 fewer instructions to compile for Lookaround
-# (benchmarks/README.md, "Compile time").
+# (benchmarks/README.md, WASH (b2) "Compile time").
 # PAPA-2's pairs are a gather of whole members, so that branch returns the
 # whole ensemble; its zeros branch takes zeros_like of n, which keeps n's
 # split of the member axis across devices (XLA drops the unused sum).
