@@ -13,7 +13,9 @@ concatenated, per member, into one flat buffer per array: a *job*. A job is
 selected, gathered, exchanged and written back once, so the rounds (twice
 in the program: straight-line and in the loop) grow with the number of
 jobs, not of tensors: with a constant ``p``, all float32 parameters are one
-job; what remains per tensor is cutting its arrays out of the buffers.
+job; what remains per tensor is cutting its arrays out of the buffers (at
+offsets read at run time, so that tensors of one shape share one compiled
+cut: :func:`from_buffers`).
 Selecting each coordinate of the concatenation with probability ``p`` is
 selecting each coordinate of each tensor with probability ``p``. The price
 is one copy of the job's arrays into the flat buffer and one back per step.
@@ -180,13 +182,24 @@ def to_buffers(tensors, jobs, stacked):
     return bufs, bases
 
 
-def from_buffers(tensors, jobs, bufs):
-    """The tensors' arrays, the jobs' arrays cut out of their buffers."""
+def from_buffers(tensors, jobs, bufs, flag):
+    """The tensors' arrays, the jobs' arrays cut out of their buffers.
+
+    The cuts start at offsets known only at run time: a ``lax.cond`` on
+    ``flag`` (any run-time boolean) whose two branches give the same
+    offsets, a construct XLA does not fold. XLA:CPU compiles one kernel per
+    distinct computation, and a cut at a constant offset is a computation of
+    its own per tensor: 600 tensors of 3 shapes made 600 kernels, where the
+    bare optimizer compiles 3. At run-time offsets the cuts of one shape
+    are one kernel (compile times in benchmarks/README.md, WASH (b2)).
+    """
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
-        for i, offset, size in zip(job.tensors, job.offsets, job.sizes):
+        static = tuple(np.int32(offset) for offset in job.offsets)
+        offsets = jax.lax.cond(flag, lambda: static, lambda: static)
+        for i, offset, size in zip(job.tensors, offsets, job.sizes):
             for n, buf in enumerate(job_bufs):
-                part = jax.lax.slice_in_dim(buf, offset, offset + size, axis=-1)
+                part = jax.lax.dynamic_slice_in_dim(buf, offset, size, axis=-1)
                 out[i][n] = part.reshape(tensors[i].arrays[n].shape)
     return [tuple(arrays) for arrays in out]
 
@@ -503,7 +516,9 @@ def _one_round(ctx, carry):
 
 
 def run_rounds(bufs, bases, jobs, key, num_members, axis_name, topology, quantize):
-    """The jobs' buffers after the shuffle: rounds until every item is done.
+    """The jobs' buffers after the shuffle, rounds until every item is done,
+    and the loop's stop flag (False, a run-time value: see
+    :func:`from_buffers`).
 
     The first round runs straight-line (a scatter inside a loop body is not
     done in place on XLA CPU); the loop continues only in the rare case where
@@ -518,7 +533,8 @@ def run_rounds(bufs, bases, jobs, key, num_members, axis_name, topology, quantiz
     lasts = jnp.full((len(jobs),), -1, jnp.int32)
     carry = _one_round(ctx, (tuple(bufs), starts, lasts, jnp.asarray(True)))
     step = functools.partial(_one_round, ctx)
-    return jax.lax.while_loop(lambda c: c[3], step, carry)[0]
+    bufs, _, _, more = jax.lax.while_loop(lambda c: c[3], step, carry)
+    return bufs, more
 
 
 def exchange(
@@ -535,7 +551,7 @@ def exchange(
     if not jobs or num_members < 2:
         return [t.arrays for t in tensors]
     bufs, bases = to_buffers(tensors, jobs, stacked)
-    bufs = run_rounds(
+    bufs, stop_flag = run_rounds(
         bufs, bases, jobs, key, num_members, axis_name, topology, quantize
     )
-    return from_buffers(tensors, jobs, bufs)
+    return from_buffers(tensors, jobs, bufs, stop_flag)

@@ -20,6 +20,7 @@ tiny static sizes forcing the continuation rounds.
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +294,52 @@ def test_program_size_does_not_grow_with_the_tensor_count():
 
     small, large = counts(3), counts(60)
     assert small == large and small[1] >= 2  # the straight-line round and the loop's
+
+
+def _output_kernels(hlo):
+    """``(shape, body)`` of the kernel computing each output of a compiled
+    program, the body with names and metadata blanked out."""
+    computations = {}
+    for block in hlo.split("\n\n"):
+        head = re.match(r"(?:ENTRY )?%(\S+) ", block.strip())
+        if head:
+            computations[head.group(1)] = block.strip()
+    entry = next(c for c in computations.values() if c.startswith("ENTRY"))
+    root = re.search(r"ROOT \S+ = .*? tuple\((.*?)\)", entry, re.S).group(1)
+    kernels = []
+    for name in re.findall(r"%([\w.-]+)", root):
+        line = re.search(rf"%{re.escape(name)} = (\S+) .*", entry)
+        called = re.search(r"calls=%([\w.-]+)", line.group(0))
+        body = computations[called.group(1)] if called else line.group(0)
+        body = re.sub(r", metadata=\{.*?\}", "", body.split("\n", 1)[-1])
+        kernels.append((line.group(1), re.sub(r"%[\w.-]+", "%", body)))
+    return kernels
+
+
+def test_tensors_of_one_shape_share_one_compiled_cut():
+    """XLA:CPU compiles one kernel per distinct computation: the cuts out of
+    the flat buffer start at run-time offsets, so that the outputs of one
+    shape come from the same kernel (with constant offsets, one per tensor)."""
+    shapes = [(3, 3, 2, 4), (5, 4), (6,)] * 3
+    arrays = [
+        jax.random.normal(jax.random.PRNGKey(i), (4, *s)) for i, s in enumerate(shapes)
+    ]
+
+    def run(arrays):
+        tensors = [_exchange.Tensor((a, -a), (None, a), 0.3) for a in arrays]
+        return _exchange.exchange(tensors, jax.random.PRNGKey(0), 4, None)
+
+    kernels = _output_kernels(jax.jit(run).lower(arrays).compile().as_text())
+    assert len(kernels) == 2 * len(shapes)
+    distinct = {}
+    for shape, body in kernels:
+        distinct.setdefault(shape, set()).add(body)
+    assert len(distinct) == 3 and all(
+        "slice" in next(iter(b)) for b in distinct.values()
+    )
+    assert {shape: len(bodies) for shape, bodies in distinct.items()} == {
+        shape: 1 for shape in distinct
+    }
 
 
 def test_threefry_matches_jax():
