@@ -195,13 +195,17 @@ def from_buffers(tensors, jobs, bufs, flag):
     """
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
-        static = tuple(np.int32(offset) for offset in job.offsets)
-        offsets = jax.lax.cond(flag, lambda: static, lambda: static)
+        offsets = _at_run_time(flag, tuple(np.int32(o) for o in job.offsets))
         for i, offset, size in zip(job.tensors, offsets, job.sizes):
             for n, buf in enumerate(job_bufs):
                 part = jax.lax.dynamic_slice_in_dim(buf, offset, size, axis=-1)
                 out[i][n] = part.reshape(tensors[i].arrays[n].shape)
     return [tuple(arrays) for arrays in out]
+
+
+def _at_run_time(flag, values):
+    """``values``, read from a ``lax.cond`` whose branches both give them."""
+    return jax.lax.cond(flag, lambda: values, lambda: values)
 
 
 # ---------------------------------------------------------------------------
