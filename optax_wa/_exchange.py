@@ -195,10 +195,16 @@ def from_buffers(tensors, jobs, bufs, flag):
     """
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
+        if len(job.tensors) == 1:  # the buffer is the tensor
+            i = job.tensors[0]
+            out[i] = [buf.reshape(a.shape) for buf, a in zip(job_bufs, out[i])]
+            continue
         offsets = _at_run_time(flag, tuple(np.int32(o) for o in job.offsets))
         for i, offset, size in zip(job.tensors, offsets, job.sizes):
             for n, buf in enumerate(job_bufs):
-                part = jax.lax.dynamic_slice_in_dim(buf, offset, size, axis=-1)
+                part = jax.lax.dynamic_slice_in_dim(
+                    buf, offset, size, axis=-1, allow_negative_indices=False
+                )
                 out[i][n] = part.reshape(tensors[i].arrays[n].shape)
     return [tuple(arrays) for arrays in out]
 
