@@ -16,8 +16,9 @@ grows with the depth count).
 
 XLA:CPU compiles identical kernels once: on the default tree, whose leaves
 have 3 shapes, the bare optimizer compiles 3 elementwise kernels whatever
-the leaf count, while anything that cuts a leaf out of a shared buffer
-(at a leaf-specific offset) is one kernel per leaf. ``--distinct-shapes``
+the leaf count, while a cut out of a shared buffer at a constant,
+leaf-specific offset is one kernel per leaf (WASH's cuts read their offset
+at run time for this reason). ``--distinct-shapes``
 gives every leaf its own shape (the last dimension grows with the index),
 as in a real network, where the bare optimizer compiles a kernel per leaf
 too.
