@@ -75,9 +75,8 @@ def make_draw(jobs, lay, num_members):
 
     def one(step):
         key = jax.random.fold_in(jax.random.PRNGKey(SEED), step)
-        keypair = jax.random.bits(key, (2,), jnp.uint32)
         drawn = _exchange.draw_round(
-            keypair,
+            _exchange.step_keypairs(key),
             jnp.zeros((len(jobs),), jnp.int32),
             jnp.full((len(jobs),), -1, jnp.int32),
             jobs,
@@ -90,7 +89,8 @@ def make_draw(jobs, lay, num_members):
         selected = jnp.minimum(num_valid, jnp.asarray(lay.slots))  # items this round
         # Values member i sends to member d: items whose permutation gives
         # d the value of i (perms[f, d] == i).
-        perms, moved = drawn.perms[lay.exchanged], valid[lay.exchanged]
+        moved = valid if drawn.keep is None else valid & drawn.keep
+        perms, moved = drawn.perms[lay.exchanged], moved[lay.exchanged]
         onehot = jax.nn.one_hot(perms, num_members, dtype=jnp.int32)  # (K, d, i)
         pair = jnp.einsum("f,fdi->di", moved.astype(jnp.int32), onehot)
         slot_fill = jnp.max(num_valid.astype(jnp.float32) / jnp.asarray(lay.slots))

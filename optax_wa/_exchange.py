@@ -101,8 +101,18 @@ class _Job(NamedTuple):
     offsets: tuple[int, ...]  # start of each tensor in the buffer
     sizes: tuple[int, ...]  # values per member of each tensor
     size: int  # values per member of the buffer
-    prob: float
+    prob: float  # the drawing probability: the largest of the tensors'
+    probs: tuple[float, ...]  # each tensor's probability
     slots: int  # items drawn per round (static)
+
+    @property
+    def thinned(self) -> bool:
+        return any(p != self.prob for p in self.probs)
+
+    @property
+    def expected(self) -> float:
+        """The expected number of selected coordinates (kept items)."""
+        return float(sum(s * p for s, p in zip(self.sizes, self.probs)))
 
 
 def values_per_member(x, stacked) -> int:
@@ -111,8 +121,9 @@ def values_per_member(x, stacked) -> int:
 
 
 def _kind(tensor):
-    """What tensors must share to be one job: ``p`` and every array's dtypes."""
-    return tensor.prob, tuple(
+    """What tensors must share to be one job: the octave of ``p`` (``p`` in
+    ``[2**(e-1), 2**e)`` for one ``e``) and every array's dtypes."""
+    return int(np.frexp(tensor.prob)[1]), tuple(
         (np.dtype(a.dtype), None if b is None else np.dtype(b.dtype))
         for a, b in zip(tensor.arrays, tensor.bases)
     )
@@ -146,9 +157,10 @@ def _make_job(tensors, group):
     ids = tuple(i for i, _ in group)
     sizes = tuple(s for _, s in group)
     offsets = tuple(int(o) for o in np.cumsum((0, *sizes[:-1])))
-    size, prob = sum(sizes), tensors[ids[0]].prob
+    probs = tuple(float(tensors[i].prob) for i in ids)
+    size, prob = sum(sizes), max(probs)
     slots = max(_numerics.count_upper_bound(size * prob, size), 1)
-    return _Job(ids[0], ids, offsets, sizes, size, prob, slots)
+    return _Job(ids[0], ids, offsets, sizes, size, prob, probs, slots)
 
 
 def _flat(x, stacked):
@@ -341,7 +353,7 @@ def layout(jobs, num_members) -> _Layout:
     local = np.arange(seg.size) - first[seg]
     exchanged = np.flatnonzero(local < slots[seg])
     ex_first = np.concatenate([[0], np.cumsum(slots)[:-1]])
-    expected = sum(min(job.size * job.prob, job.slots) for job in jobs)
+    expected = sum(min(job.expected, job.slots) for job in jobs)
     capacity = _numerics.count_upper_bound(expected / num_members, int(slots.sum()))
     return _Layout(slots, seg, first, local, exchanged, ex_first, capacity)
 
@@ -352,15 +364,18 @@ class Round(NamedTuple):
     pos: jax.Array  # (N,) selected positions, last + cumulative gaps
     num_valid: jax.Array  # (J,) items inside their buffer, a prefix of each segment
     perms: jax.Array  # (N, M) permutations
+    keep: jax.Array | None  # (N,) kept by thinning; None: every item kept
 
 
-def draw_round(keypair, starts, lasts, jobs, num_members, lay, topology):
-    """Gaps, positions and permutations of every job's items of one round.
+def draw_round(keypairs, starts, lasts, jobs, num_members, lay, topology):
+    """Gaps, positions, permutations and thinning of every job's items of
+    one round.
 
     Job ``j`` reads items ``starts[j] .. starts[j] + slots`` and continues
     from position ``lasts[j]`` (-1 at first): the counter-based draws make
     this the continuation of one unbounded round (module docstring).
     """
+    keypair, thin_keypair = keypairs
     job_ids = np.array([job.job_id for job in jobs], np.uint32)[lay.seg]
     items = (starts[lay.seg] + jnp.asarray(lay.local, jnp.int32)).astype(jnp.uint32)
     words = item_words(keypair, items, job_ids, num_members, topology)
@@ -378,15 +393,43 @@ def draw_round(keypair, starts, lasts, jobs, num_members, lay, topology):
     num_valid = jax.ops.segment_min(
         outside, jnp.asarray(lay.seg), num_segments=len(jobs), indices_are_sorted=True
     )
-    return Round(pos, num_valid, permutations(words[1:], num_members, topology))
+    perms = permutations(words[1:], num_members, topology)
+    return Round(pos, num_valid, perms, thinning(thin_keypair, items, pos, jobs, lay))
+
+
+def thinning(keypair, items, pos, jobs, lay):
+    """Whether each item is kept: item ``t`` of a job, at a position of a
+    tensor of probability ``p_l``, is kept when ``U < p_l / p`` (``p``: the
+    job's drawing probability, the largest of its tensors'), ``U`` uniform
+    on ``[0, 1)`` from the top 24 bits of Threefry of the counter
+    ``(t, job_id)`` under the thinning key. ``None`` when no job mixes
+    probabilities (every item kept)."""
+    if not any(job.thinned for job in jobs):
+        return None
+    job_ids = np.array([job.job_id for job in jobs], np.uint32)[lay.seg]
+    word = threefry2x32(keypair[0], keypair[1], items, job_ids)[0]
+    uniform = (word >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+    keep = []
+    for j, job in enumerate(jobs):
+        span = slice(lay.first[j], lay.first[j] + job.slots + 1)
+        if not job.thinned:
+            keep.append(jnp.ones((job.slots + 1,), bool))
+            continue
+        starts = np.asarray(job.offsets, np.int32)
+        tensor = jnp.searchsorted(starts, pos[span], "right", method="scan_unrolled")
+        ratios = (np.asarray(job.probs) / job.prob).astype(np.float32)
+        keep.append(uniform[span] < jnp.asarray(ratios)[tensor - 1])
+    return jnp.concatenate(keep)
 
 
 def _take(x, idx, stacked):
     return x[:, idx] if stacked else x[idx]
 
 
-def _put(x, idx, v, stacked):
-    kwargs = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
+def _put(x, idx, v, stacked, indices_are_sorted=True):
+    kwargs = dict(
+        mode="drop", unique_indices=True, indices_are_sorted=indices_are_sorted
+    )
     return (x.at[:, idx] if stacked else x.at[idx]).set(v, **kwargs)
 
 
@@ -445,8 +488,9 @@ def _gather(bufs, bases, jobs, pos, lay, stacked, quantize):
     return values, where
 
 
-def _write_back(bufs, bases, jobs, pos, done, shuffled, where, lay, stacked):
-    """Writes the items that moved; the others wait for the next round.
+def _write_back(bufs, bases, jobs, drawn, done, shuffled, where, lay, stacked):
+    """Writes the items that moved; the others wait for the next round, or
+    (thinned out) stay as they are.
 
     An array without a base takes the shuffled value. An update (array with a
     base) becomes ``shuffled - base``, computed in float32 or wider and
@@ -457,8 +501,11 @@ def _write_back(bufs, bases, jobs, pos, done, shuffled, where, lay, stacked):
     out = []
     for j, job in enumerate(jobs):
         slot = jnp.arange(job.slots, dtype=jnp.int32)
-        span = pos[lay.first[j] : lay.first[j] + job.slots]
-        idx = jnp.where(slot < done[j], span, job.size + slot)  # past the end: dropped
+        span = drawn.pos[lay.first[j] : lay.first[j] + job.slots]
+        moved = slot < done[j]
+        if drawn.keep is not None:
+            moved = moved & drawn.keep[lay.first[j] : lay.first[j] + job.slots]
+        idx = jnp.where(moved, span, job.size + slot)  # past the end: dropped
         new_bufs = []
         for buf, base, (name, column) in zip(bufs[j], bases[j], where[j]):
             new = jax.lax.slice_in_dim(
@@ -471,7 +518,8 @@ def _write_back(bufs, bases, jobs, pos, done, shuffled, where, lay, stacked):
                 base = _take(base, jnp.clip(span, 0, job.size - 1), stacked)
                 acc = jnp.promote_types(base.dtype, jnp.float32)
                 new = new.astype(acc) - base.astype(acc)
-            new_bufs.append(_put(buf, idx, new.astype(buf.dtype), stacked))
+            sorted_ = not job.thinned  # a thinned-out item drops in between
+            new_bufs.append(_put(buf, idx, new.astype(buf.dtype), stacked, sorted_))
         out.append(tuple(new_bufs))
     return tuple(out)
 
@@ -482,7 +530,7 @@ class _Context(NamedTuple):
     jobs: list
     lay: _Layout
     bases: list
-    keypair: jax.Array
+    keypairs: tuple[jax.Array, jax.Array]  # the draws' and the thinning's
     num_members: int
     axis_name: object
     topology: str
@@ -496,7 +544,7 @@ def _one_round(ctx, carry):
     bufs, starts, lasts, _ = carry
     lay, jobs, stacked = ctx.lay, ctx.jobs, ctx.axis_name is None
     drawn = draw_round(
-        ctx.keypair, starts, lasts, jobs, ctx.num_members, lay, ctx.topology
+        ctx.keypairs, starts, lasts, jobs, ctx.num_members, lay, ctx.topology
     )
     num_valid = jnp.minimum(drawn.num_valid, jnp.asarray(lay.slots + 1, jnp.int32))
     valid = jnp.asarray(lay.local, jnp.int32) < num_valid[lay.seg]
@@ -507,7 +555,7 @@ def _one_round(ctx, carry):
         values,
         drawn.perms[lay.exchanged],
         axis_name=ctx.axis_name,
-        valid=valid[lay.exchanged],
+        valid=(valid if drawn.keep is None else valid & drawn.keep)[lay.exchanged],
         capacity=lay.capacity,
     )
     # Items done per job: those before the exchange's stop, within the slots.
@@ -517,12 +565,21 @@ def _one_round(ctx, carry):
         jnp.minimum(num_valid, jnp.asarray(lay.slots, jnp.int32)),
     )
     bufs = _write_back(
-        bufs, ctx.bases, jobs, drawn.pos, done, shuffled, where, lay, stacked
+        bufs, ctx.bases, jobs, drawn, done, shuffled, where, lay, stacked
     )
     first = jnp.asarray(lay.first, jnp.int32)
     more = jnp.any(valid[first + done])
     lasts = jnp.where(done > 0, drawn.pos[first + jnp.maximum(done - 1, 0)], lasts)
     return bufs, starts + done, lasts, more
+
+
+def step_keypairs(key):
+    """The Threefry keys of one shuffle: the draws' (gaps and permutations),
+    and the thinning's (from ``fold_in(key, 1)``)."""
+    return (
+        jax.random.bits(key, (2,), jnp.uint32),
+        jax.random.bits(jax.random.fold_in(key, 1), (2,), jnp.uint32),
+    )
 
 
 def run_rounds(bufs, bases, jobs, key, num_members, axis_name, topology, quantize):
@@ -535,9 +592,8 @@ def run_rounds(bufs, bases, jobs, key, num_members, axis_name, topology, quantiz
     the static slots or exchange buffers did not suffice.
     """
     lay = layout(jobs, num_members)
-    keypair = jax.random.bits(key, (2,), jnp.uint32)
     ctx = _Context(
-        jobs, lay, bases, keypair, num_members, axis_name, topology, quantize
+        jobs, lay, bases, step_keypairs(key), num_members, axis_name, topology, quantize
     )
     starts = jnp.zeros((len(jobs),), jnp.int32)
     lasts = jnp.full((len(jobs),), -1, jnp.int32)

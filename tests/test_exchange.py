@@ -45,7 +45,8 @@ def _values(x):
 
 
 def _kind(arrays, bases, prob):
-    return prob, tuple(
+    """One job per octave of ``p`` (``[2**(e-1), 2**e)``) and dtypes."""
+    return int(np.frexp(prob)[1]), tuple(
         (np.dtype(a.dtype), None if b is None else np.dtype(b.dtype))
         for a, b in zip(arrays, bases)
     )
@@ -104,6 +105,19 @@ def _reference_selection(keypair, job_id, prob, size, m, topology):
     return pos[:count], perms[:count]
 
 
+def _reference_kept(keypair, job_id, pos, bounds, probs):
+    """Thinning: item ``t``, at a position of tensor ``l``, stays selected when
+    ``U < p_l / max(p)``, ``U`` the top 24 bits of Threefry of ``(t, job_id)``
+    under the thinning key, over ``2**24``."""
+    items = np.arange(pos.size, dtype=np.uint32)
+    counter = np.stack([items, np.full_like(items, job_id)])
+    word = np.asarray(jax.extend.random.threefry_2x32(keypair, counter))[0]
+    uniform = (word >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    tensor = np.searchsorted(bounds, pos, side="right") - 1
+    ratios = (np.asarray(probs) / max(probs)).astype(np.float32)
+    return uniform < ratios[tensor]
+
+
 def _to_wire(x, quantize):
     if quantize is None or not np.issubdtype(x.dtype, np.floating):
         return x
@@ -135,13 +149,19 @@ def reference(specs, key, m, topology="full", quantize=None, max_buffer=2**29):
     """``specs``: ``[(arrays, bases, prob)]`` of stacked NumPy arrays; returns
     every tensor's new arrays."""
     keypair = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    thin_keypair = np.asarray(
+        jax.random.bits(jax.random.fold_in(key, 1), (2,), jnp.uint32)
+    )
     out = [[np.array(a) for a in arrays] for arrays, _, _ in specs]
     for job_id, ids in _reference_jobs(specs, max_buffer):
         sizes = [_values(specs[i][0][0]) for i in ids]
+        probs = [specs[i][2] for i in ids]
         sel, perms = _reference_selection(
-            keypair, job_id, specs[job_id][2], sum(sizes), m, topology
+            keypair, job_id, max(probs), sum(sizes), m, topology
         )
         bounds = np.cumsum([0, *sizes])
+        kept = _reference_kept(thin_keypair, job_id, sel, bounds, probs)
+        sel, perms = sel[kept], perms[kept]
         for n, base in enumerate(specs[job_id][1]):
             flat = _concat([specs[i][0][n] for i in ids], m)
             flat_base = (
@@ -219,6 +239,10 @@ def _specs(m=M, seed=0):
         ((0.1 * normal(13, 11), normal(13, 11)), (normal(13, 11), None), 0.3),
         ((0.1 * normal(5), normal(5)), (normal(5), None), 0.3),
         ((0.1 * normal(33, dtype=bf16),), (normal(33, dtype=bf16),), 0.2),
+        # Probabilities of one octave share a job, drawn at the largest and
+        # thinned: with the 0.3 tensors above.
+        ((normal(9, 4),), (None,), 0.45),
+        ((0.1 * normal(6, 2), normal(6, 2)), (normal(6, 2), None), 0.27),
     ]
 
 
@@ -369,3 +393,28 @@ def test_gaps_past_a_large_buffer_stay_past_it():
     words = jnp.arange(1, 1000, dtype=jnp.uint32) * jnp.uint32(4_000_007)
     gaps = _exchange.geometric_gaps(words, np.full(999, 1e-12), np.full(999, size))
     np.testing.assert_array_equal(gaps, size + 1)
+
+
+def test_thinned_job_selects_each_tensor_at_its_own_probability():
+    """Tensors of probabilities 0.3 and 0.45 (one octave) are one job, drawn
+    at 0.45 and thinned: with 2 members a selected coordinate swaps with
+    probability 1/2, so each tensor swaps a fraction p_l / 2 of its values
+    (within 5 standard deviations over 200,000 values)."""
+    n = 200_000
+    arrays = [np.stack([np.zeros(n), np.ones(n)]).astype(np.float32)] * 2
+    probs = (0.3, 0.45)
+    tensors = [
+        _exchange.Tensor((jnp.asarray(a),), (None,), p) for a, p in zip(arrays, probs)
+    ]
+    jobs = _exchange.plan_jobs(tensors, stacked=True)
+    assert len(jobs) == 1 and jobs[0].thinned and jobs[0].prob == 0.45
+
+    def run(arrays):
+        tensors = [_exchange.Tensor((a,), (None,), p) for a, p in zip(arrays, probs)]
+        return _exchange.exchange(tensors, jax.random.PRNGKey(5), 2, None)
+
+    out = jax.jit(run)([jnp.asarray(a) for a in arrays])
+    for (new,), p in zip(out, probs):
+        swapped = float(np.mean(np.asarray(new)[0] == 1.0))
+        sd = np.sqrt(p / 2 * (1 - p / 2) / n)
+        assert abs(swapped - p / 2) < 5 * sd, (p, swapped)
