@@ -11,8 +11,9 @@ tensor of a dtype is one flat buffer, one job), with the optimizer state
 shuffled too, the least a per-tensor average adds (the member mean and
 the choice between it and the inner update, no ``lax.cond``: a floor, not a
 method), Lookaround and PAPA; ``--linear`` adds WASH with the linear
-depth schedule, one depth per tensor (one job per depth: that program still
-grows with the depth count).
+depth schedule, one depth per tensor (one job per octave of the
+probabilities: that program grows with their range, not with the depth
+count).
 
 XLA:CPU compiles identical kernels once: on the default tree, whose leaves
 have 3 shapes, the bare optimizer compiles 3 elementwise kernels whatever

@@ -7,18 +7,29 @@ selected independently with its tensor's ``p`` and, at a selected
 coordinate, the ``M`` member values of every array of the group were
 permuted by one random permutation, shared by every member and device.
 
-**Jobs: one flat buffer per kind of tensor.** Tensors with the same ``p``
-and the same arrays (dtypes, and which arrays hold an update on a base) are
-concatenated, per member, into one flat buffer per array: a *job*. A job is
-selected, gathered, exchanged and written back once, so the rounds (twice
-in the program: straight-line and in the loop) grow with the number of
-jobs, not of tensors: with a constant ``p``, all float32 parameters are one
-job; what remains per tensor is cutting its arrays out of the buffers (at
-offsets read at run time, so that tensors of one shape share one compiled
-cut: :func:`from_buffers`).
-Selecting each coordinate of the concatenation with probability ``p`` is
-selecting each coordinate of each tensor with probability ``p``. The price
-is one copy of the job's arrays into the flat buffer and one back per step.
+**Jobs: one flat buffer per kind of tensor.** Tensors whose ``p`` lie in
+one octave (``[2**(e-1), 2**e)``) and with the same arrays (dtypes, and
+which arrays hold an update on a base) are concatenated, per member, into
+one flat buffer per array: a *job*. A job is selected, gathered, exchanged
+and written back once, so the rounds (twice in the program: straight-line
+and in the loop) grow with the number of jobs, not of tensors: with a
+constant ``p``, all float32 parameters are one job, with the linear depth
+schedule one job per octave; what remains per tensor is cutting its arrays
+out of the buffers (at offsets read at run time, so that tensors of one
+shape share one compiled cut: :func:`from_buffers`). Selecting each
+coordinate of the concatenation with probability ``p`` is selecting each
+coordinate of each tensor with probability ``p``. The price is one copy of
+the job's arrays into the flat buffer and one back per step.
+
+**Thinning: one job for several probabilities.** A job draws at the largest
+probability of its tensors, ``p``, and keeps a drawn item at a coordinate
+of a tensor of probability ``p_l`` when an independent uniform is below
+``p_l / p`` (:func:`thinning`): a coordinate is drawn with probability
+``p`` and then kept with probability ``p_l / p``, independently of every
+other, so it is selected with probability ``p_l``, independently, as if its
+tensor were alone. Within an octave, at most twice as many items are drawn
+as are kept. A job whose tensors share one ``p`` keeps every item (no
+thinning draw).
 
 **Selection in O(k): geometric gaps.** The selected coordinates of a buffer
 of ``d`` values are a Bernoulli(``p``) process. Starting from position -1,
