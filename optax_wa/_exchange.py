@@ -212,9 +212,10 @@ def from_buffers(tensors, jobs, bufs, flag):
     ``flag`` (any run-time boolean) whose two branches give the same
     offsets, a construct XLA does not fold. XLA:CPU compiles one kernel per
     distinct computation, and a cut at a constant offset is a computation of
-    its own per tensor: 600 tensors of 3 shapes made 600 kernels, where the
-    bare optimizer compiles 3. At run-time offsets the cuts of one shape
-    are one kernel (compile times in benchmarks/README.md, WASH (b2)).
+    its own per tensor: 600 tensors of 3 shapes made 400 distinct copy
+    kernels, where the bare optimizer compiles 6 in all. At run-time offsets
+    the cuts of one shape are one kernel (compile times in
+    benchmarks/README.md, WASH (b2)).
     """
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
