@@ -112,9 +112,13 @@ class _Job(NamedTuple):
     offsets: tuple[int, ...]  # start of each tensor in the buffer
     sizes: tuple[int, ...]  # values per member of each tensor
     size: int  # values per member of the buffer
-    prob: float  # the drawing probability: the largest of the tensors'
     probs: tuple[float, ...]  # each tensor's probability
     slots: int  # items drawn per round (static)
+
+    @property
+    def prob(self) -> float:
+        """The drawing probability: the largest of the tensors'."""
+        return max(self.probs)
 
     @property
     def thinned(self) -> bool:
@@ -169,9 +173,9 @@ def _make_job(tensors, group):
     sizes = tuple(s for _, s in group)
     offsets = tuple(int(o) for o in np.cumsum((0, *sizes[:-1])))
     probs = tuple(float(tensors[i].prob) for i in ids)
-    size, prob = sum(sizes), max(probs)
-    slots = max(_numerics.count_upper_bound(size * prob, size), 1)
-    return _Job(ids[0], ids, offsets, sizes, size, prob, probs, slots)
+    size = sum(sizes)
+    slots = max(_numerics.count_upper_bound(size * max(probs), size), 1)
+    return _Job(ids[0], ids, offsets, sizes, size, probs, slots)
 
 
 def _flat(x, stacked):
@@ -219,10 +223,6 @@ def from_buffers(tensors, jobs, bufs, flag):
     """
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
-        if len(job.tensors) == 1:  # the buffer is the tensor
-            i = job.tensors[0]
-            out[i] = [buf.reshape(a.shape) for buf, a in zip(job_bufs, out[i])]
-            continue
         offsets = _at_run_time(flag, tuple(np.int32(o) for o in job.offsets))
         for i, offset, size in zip(job.tensors, offsets, job.sizes):
             for n, buf in enumerate(job_bufs):
@@ -406,10 +406,11 @@ def draw_round(keypairs, starts, lasts, jobs, num_members, lay, topology):
         outside, jnp.asarray(lay.seg), num_segments=len(jobs), indices_are_sorted=True
     )
     perms = permutations(words[1:], num_members, topology)
-    return Round(pos, num_valid, perms, thinning(thin_keypair, items, pos, jobs, lay))
+    keep = thinning(thin_keypair, items, job_ids, pos, jobs, lay)
+    return Round(pos, num_valid, perms, keep)
 
 
-def thinning(keypair, items, pos, jobs, lay):
+def thinning(keypair, items, job_ids, pos, jobs, lay):
     """Whether each item is kept: item ``t`` of a job, at a position of a
     tensor of probability ``p_l``, is kept when ``U < p_l / p`` (``p``: the
     job's drawing probability, the largest of its tensors'), ``U`` uniform
@@ -418,7 +419,6 @@ def thinning(keypair, items, pos, jobs, lay):
     probabilities (every item kept)."""
     if not any(job.thinned for job in jobs):
         return None
-    job_ids = np.array([job.job_id for job in jobs], np.uint32)[lay.seg]
     word = threefry2x32(keypair[0], keypair[1], items, job_ids)[0]
     uniform = (word >> 8).astype(jnp.float32) * np.float32(2.0**-24)
     keep = []
