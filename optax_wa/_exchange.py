@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_wa import _numerics
+from optax_wa import _flat, _numerics
 from optax_wa._permute import permute_members
 
 MAX_BUFFER = 2**29  # values per member of one job (int32 positions, see above)
@@ -130,11 +130,6 @@ class _Job(NamedTuple):
         return float(sum(s * p for s, p in zip(self.sizes, self.probs)))
 
 
-def values_per_member(x, stacked) -> int:
-    shape = np.shape(x)[1:] if stacked else np.shape(x)
-    return int(np.prod(shape, dtype=np.int64))
-
-
 def _kind(tensor):
     """What tensors must share to be one job: the octave of ``p`` (``p`` in
     ``[2**(e-1), 2**e)`` for one ``e``) and every array's dtypes."""
@@ -151,7 +146,7 @@ def plan_jobs(tensors, stacked) -> list[_Job]:
     open_jobs: dict = {}
     jobs = []
     for i, tensor in enumerate(tensors):
-        size = values_per_member(tensor.arrays[0], stacked)
+        size = _flat.values_per_member(tensor.arrays[0], stacked)
         if size >= MAX_BUFFER:
             raise ValueError(
                 "wash: tensors above 2**29 values per member are not supported "
@@ -171,20 +166,11 @@ def plan_jobs(tensors, stacked) -> list[_Job]:
 def _make_job(tensors, group):
     ids = tuple(i for i, _ in group)
     sizes = tuple(s for _, s in group)
-    offsets = tuple(int(o) for o in np.cumsum((0, *sizes[:-1])))
+    offsets = _flat.offsets_of(sizes)
     probs = tuple(float(tensors[i].prob) for i in ids)
     size = sum(sizes)
     slots = max(_numerics.count_upper_bound(size * max(probs), size), 1)
     return _Job(ids[0], ids, offsets, sizes, size, probs, slots)
-
-
-def _flat(x, stacked):
-    return x.reshape((x.shape[0], -1) if stacked else (-1,))
-
-
-def _concat(parts, stacked):
-    parts = [_flat(x, stacked) for x in parts]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def to_buffers(tensors, jobs, stacked):
@@ -194,7 +180,7 @@ def to_buffers(tensors, jobs, stacked):
         first = tensors[job.tensors[0]]
         bufs.append(
             tuple(
-                _concat([tensors[i].arrays[n] for i in job.tensors], stacked)
+                _flat.concat([tensors[i].arrays[n] for i in job.tensors], stacked)
                 for n in range(len(first.arrays))
             )
         )
@@ -202,7 +188,7 @@ def to_buffers(tensors, jobs, stacked):
             tuple(
                 None
                 if b is None
-                else _concat([tensors[i].bases[n] for i in job.tensors], stacked)
+                else _flat.concat([tensors[i].bases[n] for i in job.tensors], stacked)
                 for n, b in enumerate(first.bases)
             )
         )
@@ -210,32 +196,20 @@ def to_buffers(tensors, jobs, stacked):
 
 
 def from_buffers(tensors, jobs, bufs, flag):
-    """The tensors' arrays, the jobs' arrays cut out of their buffers.
-
-    The cuts start at offsets known only at run time: a ``lax.cond`` on
-    ``flag`` (any run-time boolean) whose two branches give the same
-    offsets, a construct XLA does not fold. XLA:CPU compiles one kernel per
-    distinct computation, and a cut at a constant offset is a computation of
-    its own per tensor: 600 tensors of 3 shapes made 400 distinct copy
-    kernels, where the bare optimizer compiles 6 in all. At run-time offsets
-    the cuts of one shape are one kernel (compile times in
-    benchmarks/README.md, WASH (b2)).
-    """
+    """The tensors' arrays, the jobs' arrays cut out of their buffers at
+    run-time offsets (:func:`optax_wa._flat.cut`; ``flag``: any run-time
+    boolean), so that tensors of one shape share one compiled cut."""
     out = [list(t.arrays) for t in tensors]
     for job, job_bufs in zip(jobs, bufs):
-        offsets = _at_run_time(flag, tuple(np.int32(o) for o in job.offsets))
-        for i, offset, size in zip(job.tensors, offsets, job.sizes):
-            for n, buf in enumerate(job_bufs):
-                part = jax.lax.dynamic_slice_in_dim(
-                    buf, offset, size, axis=-1, allow_negative_indices=False
-                )
-                out[i][n] = part.reshape(tensors[i].arrays[n].shape)
+        shapes = [
+            [tensors[i].arrays[n].shape for i in job.tensors]
+            for n in range(len(job_bufs))
+        ]
+        parts = _flat.cut(job_bufs, job.offsets, job.sizes, shapes, flag)
+        for n, buf_parts in enumerate(parts):
+            for i, part in zip(job.tensors, buf_parts):
+                out[i][n] = part
     return [tuple(arrays) for arrays in out]
-
-
-def _at_run_time(flag, values):
-    """``values``, read from a ``lax.cond`` whose branches both give them."""
-    return jax.lax.cond(flag, lambda: values, lambda: values)
 
 
 # ---------------------------------------------------------------------------

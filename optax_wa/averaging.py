@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_wa import members
+from optax_wa import _flat, members
 from optax_wa._checks import is_concrete_number, is_traced, require_floating
 from optax_wa._numerics import accumulation_dtype
 
@@ -261,6 +261,14 @@ def _released_pairs(num: int, key: jax.Array) -> jax.Array:
 # clip) into each tensor's kernel; read from the cond it is one parameter.
 # On 600 tensors that is 4,800 fewer instructions to compile for Lookaround
 # (benchmarks/README.md, WASH (b2) "Compile time").
+# Inside the branch, the tensors of one pair of dtypes (w's, u's) are one flat
+# buffer (optax_wa/_flat.py): one sum over members (one pmean in named mode,
+# one gather for PAPA-2) for the whole model instead of one per tensor, and
+# the off-sync branch writes one buffer of zeros. Outside, each tensor reads
+# its part of the mean at an offset known at run time, so that its kernel is
+# the same for every tensor of its shape: the compiled program grows with
+# the number of distinct shapes, not of tensors. The concatenation is one
+# more pass over w and u at a sync step only.
 # PAPA-2's pairs are a gather of whole members, so that branch returns the
 # whole ensemble; its zeros branch takes zeros_like of n, which keeps n's
 # split of the member axis across devices (XLA drops the unused sum).
@@ -298,23 +306,72 @@ def _moved(ops):
     return jax.tree.map(one, *ops)
 
 
+class _Buffers:
+    """The leaves of ``(w, u)`` as flat buffers, one per pair of dtypes
+    (``optax_wa/_flat.py``): the mean, or PAPA-2's pair means, is taken once
+    per buffer, not once per tensor, and cut back into tensors outside the
+    ``lax.cond``."""
+
+    def __init__(self, ops, axis_name):
+        self.stacked = axis_name is None
+        self.w, self.treedef = jax.tree.flatten(ops[0])
+        self.u = self.treedef.flatten_up_to(ops[1])
+        groups: dict = {}
+        for i, (w, u) in enumerate(zip(self.w, self.u)):
+            groups.setdefault((w.dtype, u.dtype), []).append(i)
+        self.groups = list(groups.values())
+
+    def moved(self, w, u):
+        """The buffers of ``n = w + u`` (``w``, ``u``: the flattened leaves)."""
+        return [
+            _moved(
+                (
+                    _flat.concat([w[i] for i in ids], self.stacked),
+                    _flat.concat([u[i] for i in ids], self.stacked),
+                )
+            )
+            for ids in self.groups
+        ]
+
+    def cut(self, bufs, flag, member_axis):
+        """The tree back out of ``bufs``: with the member axis or without it."""
+        out = [None] * len(self.w)
+        for ids, buf in zip(self.groups, bufs):
+            sizes = [_flat.values_per_member(self.w[i], self.stacked) for i in ids]
+            shapes = [
+                self.w[i].shape
+                if member_axis or not self.stacked
+                else self.w[i].shape[1:]
+                for i in ids
+            ]
+            (parts,) = _flat.cut([buf], _flat.offsets_of(sizes), sizes, [shapes], flag)
+            for i, part in zip(ids, parts):
+                out[i] = part
+        return self.treedef.unflatten(out)
+
+
 def _pull_targets(ops, is_sync, weight, axis_name):
     """``(t, is_sync)``: ``t_i = a n_i + (1 - a) m`` (``weight=None``:
     ``t_i = m``), with zeros for ``m`` off-sync, where the caller's select
     discards ``t``; the flag and ``a`` come out of the cond (see above)."""
+    bufs = _Buffers(ops, axis_name)
 
-    def mean_of(ops, weight):
-        return members.reduced_member_mean(_moved(ops), axis_name), True, weight
+    def mean_of(w, u, weight):
+        means = [members.reduced_member_mean(n, axis_name) for n in bufs.moved(w, u)]
+        return means, True, weight
 
-    def no_mean(ops, weight):
-        def zeros(p, u):  # the shape and dtype of mean_of's leaf, no tracing
-            shape = p.shape[1:] if axis_name is None else p.shape
-            return jax.lax.full(shape, 0, _acc_dtype(p, u))
+    def no_mean(w, u, weight):
+        def zeros(ids):  # the shape and dtype of mean_of's buffer, no tracing
+            size = sum(_flat.values_per_member(w[i], bufs.stacked) for i in ids)
+            return jax.lax.full((size,), 0, _acc_dtype(w[ids[0]], u[ids[0]]))
 
         unused = None if weight is None else jnp.ones_like(weight)
-        return jax.tree.map(zeros, *ops), False, unused
+        return [zeros(ids) for ids in bufs.groups], False, unused
 
-    mean, is_sync, weight = jax.lax.cond(is_sync, mean_of, no_mean, ops, weight)
+    means, is_sync, weight = jax.lax.cond(
+        is_sync, mean_of, no_mean, bufs.w, bufs.u, weight
+    )
+    mean = bufs.cut(means, is_sync, member_axis=False)
     if weight is None:
         return jax.tree.map(
             lambda m, p: members.broadcast_to_members(m, p, axis_name), mean, ops[0]
@@ -332,12 +389,15 @@ def _pull_targets(ops, is_sync, weight, axis_name):
 def _pair_targets(ops, is_sync, pairs, axis_name):
     """``(t, is_sync)``: ``t_i = (n_{p_i} + n_{q_i}) / 2`` at a sync; zeros,
     split as ``n``, elsewhere."""
-    return jax.lax.cond(
+    bufs = _Buffers(ops, axis_name)
+    mixed, is_sync = jax.lax.cond(
         is_sync,
-        lambda ops: (members.pair_mean(_moved(ops), pairs, axis_name), True),
-        lambda ops: (jax.tree.map(jnp.zeros_like, _moved(ops)), False),
-        ops,
+        lambda w, u: (members.pair_mean(bufs.moved(w, u), pairs, axis_name), True),
+        lambda w, u: (jax.tree.map(jnp.zeros_like, bufs.moved(w, u)), False),
+        bufs.w,
+        bufs.u,
     )
+    return bufs.cut(mixed, is_sync, member_axis=True), is_sync
 
 
 def _sync_or_inner_updates(is_sync, targets, params, inner_updates):

@@ -666,17 +666,104 @@ def test_donated_inner_state_is_updated_in_place(factory):
 )
 def test_per_tensor_kernels_read_the_sync_flag_not_the_count(opt):
     """The schedule's arithmetic is compiled once, not into every tensor's
-    kernel: no fused computation over a member-stacked tensor takes an
-    integer scalar (the count, or its remainder) as a parameter."""
+    kernel: no fused computation over a member-stacked tensor computes an
+    integer (the count, or its remainder); the one integer such a kernel
+    reads is the run-time offset of its cut out of the mean's buffer."""
     params = {f"t{i}": jnp.ones((4, 3 + i, 5)) for i in range(5)}
     hlo = (
         jax.jit(opt.update).lower(params, opt.init(params), params).compile().as_text()
     )
-    heads = re.findall(r"^%(\S+) \((.*)\) -> (\S+) \{$", hlo, flags=re.M)
-    per_tensor = [(name, args) for name, args, out in heads if out.startswith("f32[4,")]
-    assert len(per_tensor) >= len(params), heads  # the check sees the kernels
-    reading_ints = [name for name, args in per_tensor if re.search(r": s32\[\]", args)]
-    assert not reading_ints, reading_ints
+    bodies = re.findall(r"^%(\S+) \([^\n]*\) -> (\S+) \{\n(.*?)^\}", hlo, re.M | re.S)
+    shapes = {f"f32[4,{3 + i},5]" for i in range(len(params))}
+    per_tensor = [(name, body) for name, out, body in bodies if out in shapes]
+    assert len(per_tensor) >= len(params), bodies  # the check sees the kernels
+    for name, body in per_tensor:
+        ints = re.findall(r"= [su]32\[\S*\] (\S+)\(", body)
+        assert set(ints) <= {"parameter", "constant"}, (name, ints)
+        int_values = re.findall(r"(%\S+) = s32\[\] (?:parameter|constant)", body)
+        for param in int_values:  # read only as a dynamic-slice start
+            uses = re.findall(rf"= \S+ (\S+)\([^\n]*{re.escape(param)}[,)]", body)
+            assert set(uses) == {"dynamic-slice"}, (name, uses)
+
+
+_FLAT_CASES = [
+    lambda: optax_wa.lookaround(optax.sgd(0.1, momentum=0.9), sync_period=2),
+    lambda: optax_wa.papa(optax.sgd(0.1, momentum=0.9), alpha=0.7, period=2),
+    lambda: optax_wa.papa(
+        optax.sgd(0.1, momentum=0.9), period=2, combine="pair_half", seed=3
+    ),
+]
+_FLAT_IDS = ["lookaround", "papa", "papa-2"]
+
+
+@pytest.mark.parametrize("make", _FLAT_CASES, ids=_FLAT_IDS)
+def test_a_tree_averages_as_its_tensors_one_by_one(make):
+    """The mean (or pair mean) of a tree is taken on one flat buffer per
+    dtype and cut back: every tensor comes out bitwise as when averaged
+    alone, for mixed dtypes, shapes and an empty tensor."""
+    specs = {
+        "a": ((3, 5), jnp.float32),
+        "b": ((7,), jnp.bfloat16),
+        "c": ((2, 2, 3), jnp.float32),
+        "d": ((6,), jnp.float16),
+        "e": ((4, 0), jnp.float32),
+        "f": ((1,), jnp.bfloat16),
+    }
+    m, steps = 3, 4
+    key = jax.random.key(7)
+
+    def normal(k, name, shape, dtype):
+        return jax.random.normal(jax.random.fold_in(k, ord(name)), (m, *shape)).astype(
+            dtype
+        )
+
+    params = {n: normal(key, n, *spec) for n, spec in specs.items()}
+    grads = [
+        {
+            n: normal(jax.random.fold_in(key, t + 1), n, *spec)
+            for n, spec in specs.items()
+        }
+        for t in range(steps)
+    ]
+    opt = make()
+    whole, _ = _run(opt, params, grads, jax.jit(opt.update))
+    for name in specs:
+        alone, _ = _run(
+            opt,
+            {name: params[name]},
+            [{name: g[name]} for g in grads],
+            jax.jit(opt.update),
+        )
+        for t in range(steps):
+            np.testing.assert_array_equal(whole[t][name], alone[t][name], err_msg=name)
+
+
+def _distinct_kernels(hlo):
+    bodies = re.findall(r"^%\S+ \([^\n]*\) -> \S+ \{\n(.*?)^\}", hlo, re.M | re.S)
+    return {
+        re.sub(r"%[\w.-]+", "%", re.sub(r", metadata=\{.*?\}", "", b)) for b in bodies
+    }
+
+
+@pytest.mark.parametrize("make", _FLAT_CASES, ids=_FLAT_IDS)
+def test_compiled_kernels_do_not_grow_with_the_tensor_count(make):
+    """XLA:CPU compiles each distinct computation once: the tensors' cuts out
+    of the mean's buffer start at run-time offsets, so four copies of a
+    3-tensor tree compile no new kernel (at constant offsets, one per tensor)."""
+    shapes = [(3, 3, 2, 4), (5, 4), (6,)]
+
+    def kernels(copies):
+        params = {
+            f"t{i}": jax.random.normal(jax.random.key(i), (4, *shape))
+            for i, shape in enumerate(shapes * copies)
+        }
+        opt = make()
+        lowered = jax.jit(opt.update).lower(params, opt.init(params), params)
+        return _distinct_kernels(lowered.compile().as_text())
+
+    one, four = kernels(1), kernels(4)
+    assert len(one) >= 2 * len(shapes)  # the check sees per-shape kernels
+    assert len(four) <= len(one), len(four)
 
 
 _PERIOD_TWO = {
