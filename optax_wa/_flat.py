@@ -37,7 +37,7 @@ def values_per_member(x, stacked: bool) -> int:
 
 
 def offsets_of(sizes: Sequence[int]) -> tuple[int, ...]:
-    """Where each of tensors of ``sizes`` values starts in their buffer."""
+    """Where each tensor starts in the buffer of tensors of ``sizes`` values."""
     if not sizes:
         return ()
     return tuple(int(o) for o in np.cumsum([0, *sizes[:-1]], dtype=np.int64))
