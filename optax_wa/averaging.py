@@ -316,6 +316,7 @@ class _Buffers:
         self.stacked = axis_name is None
         self.w, self.treedef = jax.tree.flatten(ops[0])
         self.u = self.treedef.flatten_up_to(ops[1])
+        self.sizes = [_flat.values_per_member(w, self.stacked) for w in self.w]
         groups: dict = {}
         for i, (w, u) in enumerate(zip(self.w, self.u)):
             groups.setdefault((w.dtype, u.dtype), []).append(i)
@@ -333,11 +334,22 @@ class _Buffers:
             for ids in self.groups
         ]
 
+    def zero_means(self):
+        """Zeros of the shape and dtype of each buffer's member mean."""
+        return [
+            jax.lax.full(
+                (sum(self.sizes[i] for i in ids),),
+                0,
+                _acc_dtype(self.w[ids[0]], self.u[ids[0]]),
+            )
+            for ids in self.groups
+        ]
+
     def cut(self, bufs, flag, member_axis):
         """The tree back out of ``bufs``: with the member axis or without it."""
         out = [None] * len(self.w)
         for ids, buf in zip(self.groups, bufs):
-            sizes = [_flat.values_per_member(self.w[i], self.stacked) for i in ids]
+            sizes = [self.sizes[i] for i in ids]
             shapes = [
                 self.w[i].shape
                 if member_axis or not self.stacked
@@ -361,12 +373,8 @@ def _pull_targets(ops, is_sync, weight, axis_name):
         return means, True, weight
 
     def no_mean(w, u, weight):
-        def zeros(ids):  # the shape and dtype of mean_of's buffer, no tracing
-            size = sum(_flat.values_per_member(w[i], bufs.stacked) for i in ids)
-            return jax.lax.full((size,), 0, _acc_dtype(w[ids[0]], u[ids[0]]))
-
         unused = None if weight is None else jnp.ones_like(weight)
-        return [zeros(ids) for ids in bufs.groups], False, unused
+        return bufs.zero_means(), False, unused
 
     means, is_sync, weight = jax.lax.cond(
         is_sync, mean_of, no_mean, bufs.w, bufs.u, weight
