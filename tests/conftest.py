@@ -1,6 +1,7 @@
 """Test configuration: 8 fake CPU devices, set before JAX is imported."""
 
 import os
+import re
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -76,6 +77,30 @@ def _read_scalars(logdir):
 def read_scalars():
     """The reader of TensorBoard scalars, ``read_scalars(logdir) -> {tag: [(step, value)]}``."""
     return _read_scalars
+
+
+def _hlo_computations(hlo, blank_names=False):
+    """``{name: (result, body)}`` of every computation of a compiled program's
+    HLO text (``name`` ``"ENTRY"`` for the entry), metadata removed; with
+    ``blank_names``, instruction names blanked too (equal kernels, equal
+    bodies)."""
+    out = {}
+    blocks = re.finditer(
+        r"^(ENTRY )?%(\S+) \([^\n]*\) -> ([^\n]*) \{\n(.*?)^\}", hlo, re.M | re.S
+    )
+    for block in blocks:
+        body = re.sub(r", metadata=\{.*?\}", "", block.group(4))
+        if blank_names:
+            body = re.sub(r"%[\w.-]+", "%", body)
+        out["ENTRY" if block.group(1) else block.group(2)] = (block.group(3), body)
+    return out
+
+
+@pytest.fixture
+def hlo_computations():
+    """The parser of compiled HLO text, ``hlo_computations(text,
+    blank_names=False) -> {name: (result type, body)}``."""
+    return _hlo_computations
 
 
 # The longest test files first (measured: `python -m pytest --durations=40`).

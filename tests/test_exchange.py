@@ -320,27 +320,22 @@ def test_program_size_does_not_grow_with_the_tensor_count():
     assert small == large and small[1] >= 2  # the straight-line round and the loop's
 
 
-def _output_kernels(hlo):
+def _output_kernels(computations):
     """``(shape, body)`` of the kernel computing each output of a compiled
-    program, the body with names and metadata blanked out."""
-    computations = {}
-    for block in hlo.split("\n\n"):
-        head = re.match(r"(?:ENTRY )?%(\S+) ", block.strip())
-        if head:
-            computations[head.group(1)] = block.strip()
-    entry = next(c for c in computations.values() if c.startswith("ENTRY"))
-    root = re.search(r"ROOT \S+ = .*? tuple\((.*?)\)", entry, re.S).group(1)
+    program (``computations``: its ``hlo_computations``, names blanked out
+    of the kernels' bodies)."""
+    named = computations["ENTRY"][1]  # the entry, names kept
+    root = re.search(r"ROOT \S+ = .*? tuple\((.*?)\)", named, re.S).group(1)
     kernels = []
     for name in re.findall(r"%([\w.-]+)", root):
-        line = re.search(rf"%{re.escape(name)} = (\S+) .*", entry)
+        line = re.search(rf"%{re.escape(name)} = (\S+) .*", named)
         called = re.search(r"calls=%([\w.-]+)", line.group(0))
-        body = computations[called.group(1)] if called else line.group(0)
-        body = re.sub(r", metadata=\{.*?\}", "", body.split("\n", 1)[-1])
+        body = computations[called.group(1)][1] if called else line.group(0)
         kernels.append((line.group(1), re.sub(r"%[\w.-]+", "%", body)))
     return kernels
 
 
-def test_tensors_of_one_shape_share_one_compiled_cut():
+def test_tensors_of_one_shape_share_one_compiled_cut(hlo_computations):
     """XLA:CPU compiles one kernel per distinct computation: the cuts out of
     the flat buffer start at run-time offsets, so that the outputs of one
     shape come from the same kernel (with constant offsets, one per tensor)."""
@@ -353,7 +348,9 @@ def test_tensors_of_one_shape_share_one_compiled_cut():
         tensors = [_exchange.Tensor((a, -a), (None, a), 0.3) for a in arrays]
         return _exchange.exchange(tensors, jax.random.PRNGKey(0), 4, None)
 
-    kernels = _output_kernels(jax.jit(run).lower(arrays).compile().as_text())
+    kernels = _output_kernels(
+        hlo_computations(jax.jit(run).lower(arrays).compile().as_text())
+    )
     assert len(kernels) == 2 * len(shapes)
     distinct = {}
     for shape, body in kernels:
